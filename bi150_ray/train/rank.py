@@ -1,0 +1,359 @@
+"""The program every rank runs: PaddleNLP's Trainer with `llm/run_pretrain.py` semantics.
+
+It is started once per rank, as its own OS process, either by our worker actor or by
+`python -m paddle.distributed.launch -m bi150_ray.train.rank ARGS.json` (the benchmark
+baseline). It reads the `paddle.distributed.launch` environment contract, never imports Ray,
+and reports progress as JSON-lines events (see `bi150_ray.events`) next to PaddleNLP's own log
+lines, which go to stdout unchanged.
+
+Usage: python -m bi150_ray.train.rank ARGS.json [--eval-iters N] [--test-iters N]
+ARGS.json is a PaddleNLP pretrain JSON (the fork's keys and upstream's are both accepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import faulthandler
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from bi150_ray import events as ev
+from bi150_ray.train.phases import Phase
+
+# Same switch upstream run_pretrain.py sets for sharding stage1 overlap.
+os.environ.setdefault("USE_CASUAL_MASK", "True")
+
+HEARTBEAT_ENV = "BI150_RAY_HEARTBEAT_S"
+
+
+def get_train_data_file(input_dir: str) -> list:
+    """Prefix discovery exactly as run_pretrain's get_train_data_file."""
+    if len(input_dir.split()) > 1:
+        return input_dir.split()
+    files = [
+        os.path.join(input_dir, f)
+        for f in os.listdir(input_dir)
+        if os.path.isfile(os.path.join(input_dir, f)) and ("_idx.npz" in str(f) or ".idx" in str(f))
+    ]
+    files = [x.replace("_idx.npz", "").replace(".idx", "") for x in files]
+    if len(files) > 1:
+        out: list = []
+        for x in files:
+            out += [1.0, x]
+        return out
+    return files
+
+
+class EventCallback:
+    """Turns Trainer callbacks into structured events and tracks the phase for the heartbeat."""
+
+    def __init__(self, writer: ev.EventWriter, seq_length: int, world_size: int) -> None:
+        self.writer = writer
+        self.seq_length = seq_length
+        self.world_size = world_size
+        self.phase = Phase.STARTUP
+        self.global_step = 0
+
+    # PaddleNLP calls every on_* hook; only the ones below matter to us.
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.global_step = state.global_step
+        self.phase = Phase.STEP
+        self.writer.emit(ev.READY, global_step=state.global_step, max_steps=state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.global_step = state.global_step
+        if control.should_evaluate:
+            self.phase = Phase.EVAL
+        elif control.should_save:
+            self.phase = Phase.CHECKPOINT
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "loss" in logs and "interval_samples_per_second" in logs:
+            tokens_per_s = logs["interval_samples_per_second"] * self.seq_length
+            logs["tokens_per_second"] = tokens_per_s
+            logs["tokens_per_second_per_device"] = tokens_per_s / max(self.world_size, 1)
+            logs["global_step"] = state.global_step
+            self.writer.emit(ev.STEP, **logs)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.writer.emit(ev.EVAL, **{**(metrics or {}), "global_step": state.global_step})
+        self.phase = Phase.CHECKPOINT if control.should_save else Phase.STEP
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.writer.emit(ev.SAVE, global_step=state.global_step, checkpoint=folder)
+        self.phase = Phase.STEP
+
+
+def _start_heartbeat(writer: ev.EventWriter, cb: EventCallback, period_s: float) -> None:
+    def beat() -> None:
+        while True:
+            time.sleep(period_s)
+            writer.emit(ev.HEARTBEAT, phase=cb.phase.value, global_step=cb.global_step)
+
+    threading.Thread(target=beat, name="bi150-heartbeat", daemon=True).start()
+
+
+def run(args_path: str, eval_iters: int, test_iters: int, writer: ev.EventWriter) -> dict:
+    import paddle
+    from paddlenlp.data import Stack
+    from paddlenlp.data.causal_dataset import build_train_valid_test_datasets, check_data_split
+    from paddlenlp.trainer import PdArgumentParser, Trainer, get_last_checkpoint, set_seed, speed_metrics
+    from paddlenlp.transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForCausalLMPipe,
+        AutoTokenizer,
+        CosineAnnealingWithWarmupDecay,
+        LinearAnnealingWithWarmupDecay,
+    )
+    from paddlenlp.transformers.configuration_utils import LlmMetaConfig
+    from paddlenlp.utils.batch_sampler import DistributedBatchSampler
+    from paddlenlp.utils.log import logger
+
+    from bi150_ray.train.arguments import DataArguments, ModelArguments, PreTrainingArguments
+
+    parser = PdArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
+    model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(args_path))
+
+    if training_args.no_recompute_layers is not None:
+        training_args.no_recompute_layers.sort()
+    if model_args.tokenizer_name_or_path is None:
+        model_args.tokenizer_name_or_path = model_args.model_name_or_path
+    if data_args.data_cache is not None:
+        os.makedirs(data_args.data_cache, exist_ok=True)
+
+    paddle.set_device(training_args.device)
+    set_seed(seed=training_args.seed)
+    training_args.eval_iters = eval_iters
+    training_args.test_iters = test_iters
+    training_args.print_config(model_args, "Model")
+    training_args.print_config(data_args, "Data")
+
+    last_checkpoint = None
+    if (
+        os.path.isdir(training_args.output_dir)
+        and training_args.do_train
+        and not training_args.overwrite_output_dir
+    ):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    LlmMetaConfig.set_llm_config(config, training_args)
+    config.use_fast_layer_norm = model_args.use_fast_layer_norm
+    config.seq_length = data_args.max_seq_length
+    if not model_args.continue_training:
+        config.max_position_embeddings = max(config.max_position_embeddings, data_args.max_seq_length)
+        config.vocab_size = max(config.vocab_size, ((tokenizer.vocab_size - 1) // 128 + 1) * 128)
+    if model_args.num_hidden_layers is not None:
+        config.num_hidden_layers = model_args.num_hidden_layers
+    if model_args.initializer_range is not None:
+        config.initializer_range = model_args.initializer_range
+    if model_args.fuse_attention_qkv is not None:
+        config.fuse_attention_qkv = model_args.fuse_attention_qkv
+    if model_args.fuse_attention_ffn is not None:
+        config.fuse_attention_ffn = model_args.fuse_attention_ffn
+
+    dtype = "float32"
+    if training_args.fp16_opt_level == "O2":
+        if training_args.fp16:
+            dtype = "float16"
+        if training_args.bf16:
+            dtype = "bfloat16"
+    model_class = (
+        AutoModelForCausalLMPipe if training_args.pipeline_parallel_degree > 1 else AutoModelForCausalLM
+    )
+    if model_args.continue_training:
+        model = model_class.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype)
+    else:
+        model = model_class.from_config(config, dtype=dtype)
+    if training_args.recompute:
+        model.recompute_enable()
+
+    if training_args.decay_steps is None:
+        training_args.decay_steps = training_args.max_steps
+    warmup = (
+        training_args.warmup_steps
+        if training_args.warmup_steps > 0
+        else training_args.warmup_ratio * training_args.max_steps
+    )
+    scheduler_cls = {"cosine": CosineAnnealingWithWarmupDecay, "linear": LinearAnnealingWithWarmupDecay}.get(
+        training_args.lr_scheduler_type.value
+    )
+    lr_scheduler = None
+    if scheduler_cls is not None:
+        lr_scheduler = scheduler_cls(
+            max_lr=training_args.learning_rate,
+            min_lr=training_args.min_learning_rate,
+            warmup_step=warmup,
+            decay_step=training_args.decay_steps,
+            last_epoch=0,
+        )
+
+    check_data_split(data_args.split, training_args.do_train, training_args.do_eval, training_args.do_predict)
+    R = training_args.dataset_world_size
+    eval_steps = training_args.eval_steps or training_args.logging_steps
+    num_samples = [
+        training_args.per_device_train_batch_size
+        * R
+        * training_args.max_steps
+        * training_args.gradient_accumulation_steps,
+        training_args.per_device_eval_batch_size
+        * R
+        * eval_iters
+        * (training_args.max_steps // eval_steps + 1),
+        training_args.per_device_eval_batch_size * R * test_iters,
+    ]
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+        data_prefix=get_train_data_file(data_args.input_dir),
+        data_impl=data_args.data_impl,
+        splits_string=data_args.split,
+        train_val_test_num_samples=num_samples,
+        seq_length=data_args.max_seq_length,
+        seed=training_args.seed,
+        skip_warmup=data_args.skip_warmup,
+        share_folder=data_args.share_folder,
+        data_cache_path=data_args.data_cache,
+        need_data=training_args.should_load_dataset,
+    )
+
+    stack = Stack()
+
+    def collate(data):
+        tokens_ = stack([x["text"] for x in data])
+        labels = copy.deepcopy(tokens_)[:, 1:]
+        return {"input_ids": tokens_[:, :-1], "labels": labels}
+
+    class PretrainingTrainer(Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.is_pretraining = True
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+            # The eval iterator persists across evaluations, as in run_pretrain.
+            eval_dataloader = getattr(self, "eval_dataloader", None)
+            if eval_dataloader is None:
+                eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+                self.eval_dataloader = eval_dataloader = self.get_eval_dataloader(eval_dataset)()
+            start = time.time()
+            output = self.evaluation_loop(
+                eval_dataloader,
+                description="Evaluation",
+                prediction_loss_only=True if self.compute_metrics is None else None,
+                ignore_keys=ignore_keys,
+                max_eval_iters=self.args.eval_iters,
+            )
+            total_batch_size = self.args.eval_batch_size * self.args.world_size
+            output.metrics.update(
+                speed_metrics(
+                    metric_key_prefix,
+                    start,
+                    num_samples=output.num_samples,
+                    num_steps=math.ceil(output.num_samples / total_batch_size),
+                )
+            )
+            self.log(output.metrics)
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, output.metrics
+            )
+            return output.metrics
+
+        def _get_eval_sampler(self, eval_dataset):
+            return DistributedBatchSampler(
+                eval_dataset,
+                batch_size=self.args.per_device_eval_batch_size,
+                shuffle=False,
+                num_replicas=self.args.dataset_world_size,
+                rank=self.args.dataset_rank,
+                drop_last=self.args.dataloader_drop_last,
+            )
+
+        def _get_train_sampler(self):
+            return DistributedBatchSampler(
+                self.train_dataset,
+                batch_size=self.args.per_device_train_batch_size,
+                shuffle=False,
+                num_replicas=self.args.dataset_world_size,
+                rank=self.args.dataset_rank,
+                drop_last=self.args.dataloader_drop_last,
+            )
+
+    callback = EventCallback(writer, data_args.max_seq_length, training_args.world_size)
+    _start_heartbeat(writer, callback, float(os.environ.get(HEARTBEAT_ENV, "10")))
+    trainer = PretrainingTrainer(
+        model=model,
+        args=training_args,
+        data_collator=collate,
+        train_dataset=train_ds if training_args.do_train else None,
+        eval_dataset=valid_ds if training_args.do_eval else None,
+        optimizers=(None, lr_scheduler),
+        tokenizer=tokenizer,
+        callbacks=[callback],
+    )
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    result: dict = {"resumed_from": checkpoint}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        callback.phase = Phase.CHECKPOINT
+        metrics = train_result.metrics
+        trainer.save_model()
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        result["train_metrics"] = metrics
+        total_tokens = num_samples[0] * data_args.max_seq_length
+        tps = total_tokens / metrics["train_runtime"]
+        print(f"Effective Tokens per second: {tps:.2f}")
+        print(f"ips: {tps:.2f} tokens/s")
+    if training_args.do_predict:
+        test_ret = trainer.predict(test_ds)
+        trainer.log_metrics("test", test_ret.metrics)
+        result["test_metrics"] = test_ret.metrics
+    logger.info("bi150-ray rank program finished")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("args_json")
+    parser.add_argument("--eval-iters", type=int, default=1, help="batches per evaluation (fork: 1)")
+    parser.add_argument("--test-iters", type=int, default=1, help="batches for predict (fork: 1)")
+    opts = parser.parse_args(argv)
+
+    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+    writer = ev.EventWriter(os.environ.get(ev.EVENTS_ENV), rank)
+    # `kill -USR1 <pid>` dumps every thread's stack into the rank log (hang diagnosis).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    writer.emit(ev.START, pid=os.getpid(), argv=sys.argv)
+    try:
+        if os.environ.get("PADDLE_DISTRI_BACKEND") == "gloo":
+            from bi150_ray.train import gloo_groups
+
+            gloo_groups.install()
+        result = run(opts.args_json, opts.eval_iters, opts.test_iters, writer)
+    except BaseException as exc:  # noqa: BLE001 - report every failure, then re-raise
+        writer.emit(ev.ERROR, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        raise
+    writer.emit(ev.DONE, **{k: v for k, v in result.items() if v is not None})
+    writer.close()
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
