@@ -466,7 +466,8 @@ def _launcher_env() -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("PADDLE_", "FLAGS_", "POD_", "DISTRIBUTED_", "CUDA_", "XPU", "ILUVATAR"))
-        and k not in ("http_proxy", "https_proxy")
+        # CUSTOM_DEVICE_ROOT is set by `import paddle`: present only if an earlier test imported it.
+        and k not in ("http_proxy", "https_proxy", "CUSTOM_DEVICE_ROOT")
     }
     env["http_proxy"] = "http://user:pw@proxy.invalid:3128"  # launch moves it to http_proxy_original
     env["BI150_RAY_MARKER"] = "kept"
