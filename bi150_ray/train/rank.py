@@ -59,6 +59,7 @@ class EventCallback:
         self.world_size = world_size
         self.phase = Phase.STARTUP
         self.global_step = 0
+        self.ready_info: dict = {}
 
     # PaddleNLP calls every on_* hook; only the ones below matter to us.
     def __getattr__(self, name: str):
@@ -69,7 +70,7 @@ class EventCallback:
     def on_train_begin(self, args, state, control, **kwargs):
         self.global_step = state.global_step
         self.phase = Phase.STEP
-        self.writer.emit(ev.READY, global_step=state.global_step, max_steps=state.max_steps)
+        self.writer.emit(ev.READY, global_step=state.global_step, max_steps=state.max_steps, **self.ready_info)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.global_step = state.global_step
@@ -304,6 +305,9 @@ def run(args_path: str, eval_iters: int, test_iters: int, writer: ev.EventWriter
         callbacks=[callback],
     )
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    import paddlenlp
+
+    callback.ready_info = {"resumed_from": checkpoint, "paddle": paddle.__version__, "paddlenlp": paddlenlp.__version__}
     result: dict = {"resumed_from": checkpoint}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)

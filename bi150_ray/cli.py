@@ -1,0 +1,164 @@
+"""`bi150-ray` command line. Each subcommand is a thin shell over a module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bi150_ray import demo
+
+    return demo.main(args.root, args.steps)
+
+
+def _runtime_overrides(args: argparse.Namespace) -> dict:
+    return {
+        "nodes": args.nodes,
+        "devices_per_node": args.devices_per_node,
+        "backend": args.backend,
+        "storage_path": args.storage,
+        "run_name": args.run_name,
+    }
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bi150_ray.driver import PretrainJob
+
+    result = PretrainJob(args.config, **_runtime_overrides(args)).run()
+    print(json.dumps({"model_dir": result.model_dir, "run_record": result.run_record,
+                      "final_eval_loss": result.final_eval_loss, "train_metrics": result.train_metrics}, indent=1))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from bi150_ray import config
+    from bi150_ray.plan import make_plan
+    from bi150_ray.topology import describe_groups
+
+    plan = make_plan(config.load(args.config, **_runtime_overrides(args)))
+    groups = describe_groups(plan.degrees)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({"degrees": dataclasses.asdict(plan.degrees), "groups": groups,
+                          "tokens_per_step": plan.tokens_per_step, "warnings": plan.warnings,
+                          "adjustments": plan.adjustments}, indent=1))
+        return 0
+    d = plan.degrees
+    print(f"world {d.world}: dp {d.dp} x pp {d.pp} x sharding {d.sharding} ({d.sharding_stage or 'off'}) x sep {d.sep} x tp {d.tp}")
+    print(f"tokens per optimizer step: {plan.tokens_per_step}")
+    for name, lists in groups.items():
+        print(f"{name:9s} groups: {lists}")
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from bi150_ray import devices
+
+    node = devices.detect(args.ixsmi, mode="csv" if args.csv else "table")
+    if args.json:
+        import dataclasses
+
+        print(json.dumps(dataclasses.asdict(node), indent=1))
+    else:
+        print(devices.format_devices(node))
+    return 0
+
+
+def _cmd_node_resources(args: argparse.Namespace) -> int:
+    from bi150_ray import devices
+
+    node = devices.detect(args.ixsmi)
+    print(json.dumps(devices.node_resources(node, args.resource_name)))
+    return 0
+
+
+def _record_path(path: str) -> str:
+    return os.path.join(path, "run_record.json") if os.path.isdir(path) else path
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from bi150_ray import runrecord
+
+    rec = runrecord.load(_record_path(args.run))
+    print(f"run {rec['run_name']}: {rec['status']}  (config {rec['config_source']})")
+    for a in rec.get("attempts", []):
+        cause = a.get("cause", "").splitlines()[0] if a.get("cause") else ""
+        print(f"  attempt {a['number']}: {a['outcome']} {cause}")
+    if rec.get("steps"):
+        s = rec["steps"][-1]
+        print(f"  last step {s['global_step']}: loss {s['loss']:.4f}, {s.get('tokens_per_second', 0):.0f} tokens/s")
+    for e in rec.get("evals", [])[-3:]:
+        print(f"  eval at step {e['global_step']}: {e['eval_loss']:.4f}")
+    print(f"  checkpoints: {[c['checkpoint'] for c in rec.get('checkpoints', [])][-3:]}")
+    print(f"  model: {rec.get('model_dir')}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bi150_ray.report import write_report
+
+    print(write_report(_record_path(args.run)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bi150-ray", description="PaddleNLP LLaMA pretraining on BI150 clusters via Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the whole job on a simulated cluster on this machine")
+    d.add_argument("--root", default="demo_out", help="where assets, node storage and results go")
+    d.add_argument("--steps", type=int, default=60)
+    d.set_defaults(func=_cmd_demo)
+
+    for name, func, helptext in (
+        ("run", _cmd_run, "run a job on the Ray cluster at RAY_ADDRESS"),
+        ("plan", _cmd_plan, "resolve degrees and groups for a job without running it"),
+    ):
+        r = sub.add_parser(name, help=helptext)
+        r.add_argument("config", help="PaddleNLP pretrain JSON, optionally with a 'runtime' section")
+        r.add_argument("--nodes", type=int)
+        r.add_argument("--devices-per-node", type=int)
+        r.add_argument("--backend", choices=["cpu", "corex", "iluvatar_gpu"])
+        r.add_argument("--storage", help="runtime.storage_path")
+        r.add_argument("--run-name")
+        if name == "plan":
+            r.add_argument("--json", action="store_true")
+        r.set_defaults(func=func)
+
+    v = sub.add_parser("devices", help="BI150 devices on this node, from ixsmi")
+    v.add_argument("--ixsmi", default="ixsmi")
+    v.add_argument("--csv", action="store_true", help="use ixsmi's CSV query mode")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_devices)
+
+    n = sub.add_parser("node-resources", help="the --resources JSON for `ray start` on this node")
+    n.add_argument("--ixsmi", default="ixsmi")
+    n.add_argument("--resource-name", default="BI150")
+    n.set_defaults(func=_cmd_node_resources)
+
+    for name, func in (("status", _cmd_status), ("report", _cmd_report)):
+        s = sub.add_parser(name, help=f"{name} of a run (its results dir or run_record.json)")
+        s.add_argument("run")
+        s.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bi150_ray.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"bi150-ray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Ray side: reserve the gang of nodes, and one worker actor per rank that owns its process.
+
+Whole-node bundles (one per node, STRICT_SPREAD) mean the job owns every device of each node it
+uses, so a rank's local index is its device index: no Ray per-device IDs are needed for a custom
+resource. Each actor spawns its rank as a fresh OS process (Paddle reads its store address once
+per process), writes the rank's output to a log file that outlives the run, and hands new
+structured events to the driver when polled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from bi150_ray.envcontract import worker_environ
+from bi150_ray.errors import GangError
+from bi150_ray.events import EventTail
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    ip: str
+    hostname: str
+
+
+def _describe_cluster(resource: str, per_node: int, cpus_per_node: float) -> str:
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    big_enough = [
+        n
+        for n in alive
+        if n["Resources"].get(resource, 0) >= per_node and n["Resources"].get("CPU", 0) >= cpus_per_node
+    ]
+    detail = ", ".join(
+        f"{n['NodeManagerAddress']}: {int(n['Resources'].get(resource, 0))} {resource}/{n['Resources'].get('CPU', 0):g} CPU"
+        for n in alive
+    )
+    return f"cluster has {len(big_enough)} nodes with {per_node} {resource} and {cpus_per_node:g} CPU free ({detail})"
+
+
+def reserve_gang(nodes: int, per_node: int, resource: str, cpus_per_rank: float, timeout_s: float) -> PlacementGroup:
+    """One bundle per node, each on a distinct node, or a GangError within timeout_s."""
+    cpus = per_node * cpus_per_rank
+    bundle = {resource: float(per_node), "CPU": float(cpus)} if per_node else {"CPU": float(cpus)}
+    pg = placement_group([dict(bundle) for _ in range(nodes)], strategy="STRICT_SPREAD")
+    if not pg.wait(timeout_seconds=timeout_s):
+        state = _describe_cluster(resource, per_node, cpus)
+        remove_placement_group(pg)
+        raise GangError(
+            f"could not reserve the gang within {timeout_s:g}s: need {nodes} nodes x {per_node} {resource} "
+            f"(+{cpus:g} CPU each), {state}. Add nodes, lower runtime.nodes/devices_per_node, or raise "
+            "runtime.placement_timeout_s."
+        )
+    return pg
+
+
+def bundle_nodes(pg: PlacementGroup) -> list[NodeInfo]:
+    """Node of each bundle, by bundle index."""
+    table = placement_group_table(pg)
+    by_id = {n["NodeID"]: n for n in ray.nodes()}
+    out = []
+    for index in sorted(table["bundles_to_node_id"]):
+        node = by_id[table["bundles_to_node_id"][index]]
+        out.append(NodeInfo(node["NodeID"], node["NodeManagerAddress"], node.get("NodeManagerHostname", "")))
+    return out
+
+
+def node_order(nodes: list[NodeInfo]) -> list[int]:
+    """Bundle indices sorted by a stable node key, so rank order does not depend on Ray's choice."""
+    return sorted(range(len(nodes)), key=lambda i: (socket.inet_aton(nodes[i].ip), nodes[i].node_id))
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
+class RankWorker:
+    """Owns one rank process. Methods run on the actor; stop() may run while poll() does."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.tail: EventTail | None = None
+        self.log_path = ""
+
+    def info(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {
+            "node_id": ctx.get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "python": sys.executable,
+        }
+
+    def free_ports(self, count: int) -> list[int]:
+        """Ports free on this node right now (bound and released; a small race, as launch has)."""
+        socks, ports = [], []
+        ip = ray.util.get_node_ip_address()
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((ip, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+        for s in socks:
+            s.close()
+        return ports
+
+    def write_file(self, path: str, text: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+
+    def start(self, argv: list[str], contract: dict[str, str], log_path: str, events_path: str, cwd: str) -> int:
+        """Spawn the rank: this node's environment, cleaned as launch does, plus the contract."""
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        for path in (events_path,):
+            if os.path.exists(path):  # a previous attempt's events stay in the rank log, not here
+                os.replace(path, f"{path}.{int(time.time())}.prev")
+        self.log_path = log_path
+        log = open(log_path, "ab")
+        log.write(f"\n===== bi150-ray: starting rank at {time.ctime()} =====\n".encode())
+        log.flush()
+        argv = [sys.executable if a == "{python}" else a for a in argv]
+        env = worker_environ(os.environ, contract)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
+        log.close()
+        self.tail = EventTail(events_path)
+        return self.proc.pid
+
+    def poll(self) -> dict[str, Any]:
+        events = self.tail.read_new() if self.tail else []
+        code = self.proc.poll() if self.proc else None
+        if code is not None and self.tail:
+            events += self.tail.read_new()
+        return {"returncode": code, "events": events}
+
+    def signal(self, signum: int) -> bool:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+            return True
+        return False
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the rank's process group, then SIGKILL after grace_s."""
+        if not self.proc:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=grace_s)
+            except ProcessLookupError:
+                pass
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - 64 * 1024))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def spawn_workers(pg: PlacementGroup, bundle_index_per_rank: list[int], resource: str, cpus_per_rank: float) -> list:
+    """One RankWorker per rank, inside its node's bundle."""
+    workers = []
+    for bundle in bundle_index_per_rank:
+        strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
+        workers.append(
+            RankWorker.options(
+                num_cpus=cpus_per_rank, resources={resource: 1}, scheduling_strategy=strategy
+            ).remote()
+        )
+    return workers

@@ -1,0 +1,362 @@
+"""The driver: one run of a pretraining job, read top to bottom.
+
+    plan -> connect -> (reserve gang -> start ranks -> supervise)* -> gather -> record
+
+`PretrainJob(config).run()` is the Python API; `jobs/pretrain.py` (for `ray job submit`) and
+`bi150-ray run` call it. The driver talks to people (progress bar, clear errors); the ranks talk
+to the driver through JSON-lines events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bi150_ray import config as config_mod
+from bi150_ray import events as ev
+from bi150_ray.checkpoint import gather
+from bi150_ray.config import JobConfig
+from bi150_ray.envcontract import RankEnvInput, rank_env, redact
+from bi150_ray.errors import RunFailed
+from bi150_ray.plan import LaunchPlan, make_plan
+from bi150_ray.runrecord import Attempt, RunRecord, host_fingerprint
+from bi150_ray.train.phases import Phase
+
+RANK_MODULE = "bi150_ray.train.rank"
+
+
+@dataclass
+class JobResult:
+    run_name: str
+    status: str
+    train_metrics: dict[str, Any]
+    last_step: dict[str, Any]
+    evals: list[dict[str, Any]]
+    checkpoints: list[str]
+    model_dir: str | None
+    run_record: str
+    results_dir: str
+    log_dirs: list[str]
+    attempts: int
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        return self.evals[-1]["eval_loss"] if self.evals else None
+
+
+@dataclass
+class _Failure:
+    kind: str  # application | infrastructure | hang
+    message: str
+
+
+@dataclass
+class _RankState:
+    returncode: int | None = None
+    phase: Phase = Phase.STARTUP
+    global_step: int = 0
+    last_progress: float = field(default_factory=time.time)
+    error: str | None = None
+    traceback: str | None = None
+
+
+class PretrainJob:
+    """A pretraining job on the Ray cluster this process is connected to (or RAY_ADDRESS)."""
+
+    def __init__(self, job: JobConfig | str | os.PathLike[str], **runtime_overrides: Any) -> None:
+        if isinstance(job, JobConfig):
+            self.job = job
+            if runtime_overrides:
+                self.job = dataclasses.replace(
+                    job, runtime=dataclasses.replace(job.runtime, **runtime_overrides)
+                )
+        else:
+            self.job = config_mod.load(job, **runtime_overrides)
+        self.plan: LaunchPlan = make_plan(self.job)  # refuses impossible jobs before touching Ray
+        self.quiet = False
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self) -> JobResult:
+        import ray
+
+        plan, rt = self.plan, self.job.runtime
+        self._say(self._describe_plan())
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+
+        record = RunRecord(
+            path=os.path.join(plan.results_dir, "run_record.json"),
+            run_name=plan.run_name,
+            config_source=self.job.source,
+            config_hash=self.job.config_hash(),
+            degrees=dataclasses.asdict(plan.degrees),
+            environment={**host_fingerprint(), "backend": rt.backend, "env": redact(rt.env)},
+        )
+        budgets = {"application": rt.max_app_restarts, "infrastructure": rt.max_infra_restarts, "hang": rt.max_hang_restarts}
+        final_events: dict[int, dict[str, Any]] = {}
+        try:
+            while True:
+                attempt = Attempt(number=len(record.attempts) + 1, started=time.time())
+                record.attempts.append(attempt)
+                failure = self._run_attempt(record, attempt, final_events)
+                attempt.ended = time.time()
+                if failure is None:
+                    attempt.outcome = "succeeded"
+                    break
+                attempt.outcome, attempt.cause = failure.kind, failure.message
+                record.save()
+                if budgets[failure.kind] <= 0:
+                    record.status = "failed"
+                    record.save()
+                    raise RunFailed(
+                        f"run {plan.run_name} failed ({failure.kind}): {failure.message}\n"
+                        f"last complete checkpoint: {self._last_checkpoint(record) or 'none'}; "
+                        f"logs: {plan.node_paths(0).log_dir} on each node; record: {record.path}"
+                    )
+                budgets[failure.kind] -= 1
+                self._say(f"{failure.kind} failure: {failure.message.splitlines()[0]}; relaunching from the last checkpoint")
+        except KeyboardInterrupt:
+            record.status = "interrupted"
+            record.attempts[-1].outcome = "interrupted"
+            record.attempts[-1].ended = time.time()
+            record.save()
+            raise
+
+        model_dir = self._gather(record, final_events) if rt.gather else None
+        record.status = "succeeded"
+        record.model_dir = model_dir
+        done = final_events.get(0, {})
+        record.final = {"train_metrics": done.get("train_metrics", {}), "last_step": record.steps[-1] if record.steps else {}}
+        record.save()
+        result = JobResult(
+            run_name=plan.run_name,
+            status=record.status,
+            train_metrics=done.get("train_metrics", {}),
+            last_step=record.steps[-1] if record.steps else {},
+            evals=list(record.evals),
+            checkpoints=[c["checkpoint"] for c in record.checkpoints],
+            model_dir=model_dir,
+            run_record=record.path,
+            results_dir=plan.results_dir,
+            log_dirs=sorted({plan.node_paths(s.node_index).log_dir for s in plan.slots}),
+            attempts=len(record.attempts),
+        )
+        from bi150_ray.report import write_report
+
+        report = write_report(record.path)
+        self._say(f"model: {model_dir}\nreport: {report}\nrun record: {record.path}")
+        return result
+
+    # -- one attempt: reserve, start, supervise, release ------------------------------------
+    def _run_attempt(self, record: RunRecord, attempt: Attempt, final_events: dict[int, dict]) -> _Failure | None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        from bi150_ray import cluster
+
+        plan, rt = self.plan, self.job.runtime
+        self._say(f"attempt {attempt.number}: reserving {rt.nodes} node(s) x {rt.devices_per_node} {rt.resource_name}")
+        pg = cluster.reserve_gang(rt.nodes, rt.devices_per_node, rt.resource_name, rt.cpus_per_rank, rt.placement_timeout_s)
+        workers: list = []
+        try:
+            nodes = cluster.bundle_nodes(pg)
+            bundle_of_node = cluster.node_order(nodes)  # node index -> bundle index
+            attempt.nodes = [dataclasses.asdict(nodes[b]) | {"node_index": i} for i, b in enumerate(bundle_of_node)]
+            workers = cluster.spawn_workers(
+                pg, [bundle_of_node[s.node_index] for s in plan.slots], rt.resource_name, rt.cpus_per_rank
+            )
+            infos = ray.get([w.info.remote() for w in workers], timeout=rt.placement_timeout_s)
+            ports = ray.get([w.free_ports.remote(2 if i == 0 else 1) for i, w in enumerate(workers)])
+            endpoints = tuple(f"{infos[i]['ip']}:{ports[i][0]}" for i in range(len(workers)))
+            master = f"{infos[0]['ip']}:{ports[0][1]}"
+
+            first_on_node = {}
+            for slot in plan.slots:
+                first_on_node.setdefault(slot.node_index, slot.rank)
+            ray.get([
+                workers[rank].write_file.remote(plan.node_paths(node).args_path, json.dumps(plan.rank_args(node), indent=1))
+                for node, rank in first_on_node.items()
+            ])
+            self._start_ranks(workers, endpoints, master)
+            record.save()
+            return self._supervise(workers, record, attempt, final_events)
+        except (RayActorError, GetTimeoutError) as exc:
+            return _Failure("infrastructure", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._shutdown(workers, pg)
+
+    def _start_ranks(self, workers: list, endpoints: tuple[str, ...], master: str) -> None:
+        import ray
+
+        plan, rt = self.plan, self.job.runtime
+        starts = []
+        for slot, worker in zip(plan.slots, workers, strict=True):
+            paths = plan.node_paths(slot.node_index)
+            contract = rank_env(
+                RankEnvInput(
+                    slot=slot,
+                    world_size=rt.world_size,
+                    nnodes=rt.nodes,
+                    endpoints=endpoints,
+                    backend=rt.backend,
+                    log_dir=paths.log_dir,
+                    master=master,
+                    pod_name=f"node{slot.node_index}",
+                    passthrough=rt.env,
+                )
+            )
+            contract[ev.EVENTS_ENV] = paths.events_path(slot.rank)
+            contract["BI150_RAY_HEARTBEAT_S"] = str(rt.heartbeat_s)
+            argv = ["{python}", "-u", "-m", RANK_MODULE, paths.args_path,
+                    "--eval-iters", str(rt.eval_iters), "--test-iters", str(rt.test_iters)]
+            starts.append(worker.start.remote(argv, contract, paths.worker_log(slot.rank), paths.events_path(slot.rank), paths.run_dir))
+        ray.get(starts)
+
+    def _supervise(self, workers: list, record: RunRecord, attempt: Attempt, final_events: dict[int, dict]) -> _Failure | None:
+        import ray
+
+        rt = self.job.runtime
+        states = [_RankState() for _ in workers]
+        bar = self._progress_bar(record)
+        try:
+            while True:
+                polls = ray.get([w.poll.remote() for w in workers], timeout=60)
+                now = time.time()
+                for rank, (state, poll) in enumerate(zip(states, polls, strict=True)):
+                    for event in poll["events"]:
+                        self._on_event(rank, state, event, record, attempt, final_events, bar, now)
+                    state.returncode = poll["returncode"]
+                failed = [r for r, s in enumerate(states) if s.returncode not in (None, 0)]
+                if failed:
+                    return self._application_failure(workers, states, failed)
+                if all(s.returncode == 0 for s in states):
+                    return None
+                hung = [r for r, s in enumerate(states) if s.returncode is None and now - s.last_progress > self._timeout(s.phase)]
+                if hung:
+                    phases = {r: states[r].phase.value for r in hung}
+                    return _Failure("hang", f"ranks {hung} made no progress within the {phases} timeout(s)")
+                record.save(min_interval_s=5.0)
+                time.sleep(rt.poll_s)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _on_event(self, rank: int, state: _RankState, event: dict, record: RunRecord, attempt: Attempt,
+                  final_events: dict[int, dict], bar, now: float) -> None:
+        kind = event["kind"]
+        step = event.get("global_step", state.global_step)
+        if step != state.global_step or kind in (ev.READY, ev.EVAL, ev.SAVE, ev.DONE):
+            state.last_progress = now
+        state.global_step = step
+        if kind == ev.READY:
+            state.phase = Phase.STEP
+            if rank == 0:
+                attempt.resumed_from = event.get("resumed_from")
+                record.environment.update({k: event[k] for k in ("paddle", "paddlenlp") if k in event})
+        elif kind == ev.HEARTBEAT:
+            state.phase = Phase(event.get("phase", state.phase.value))
+        elif kind == ev.STEP and rank == 0:
+            record.steps.append({k: v for k, v in event.items() if k not in ("kind", "rank")})
+            if bar is not None:
+                bar.n = step
+                bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", tok_s=f"{event.get('tokens_per_second', 0):.0f}", refresh=False)
+                bar.refresh()
+        elif kind == ev.EVAL and rank == 0:
+            record.evals.append({k: v for k, v in event.items() if k not in ("kind", "rank")})
+            self._say(f"step {step}: eval_loss {event.get('eval_loss'):.4f}")
+        elif kind == ev.SAVE and rank == 0:
+            record.checkpoints.append({"global_step": step, "checkpoint": event["checkpoint"], "attempt": attempt.number})
+        elif kind == ev.ERROR:
+            state.error = event.get("error")
+            state.traceback = event.get("traceback")
+        elif kind == ev.DONE:
+            final_events[rank] = event
+
+    def _application_failure(self, workers: list, states: list[_RankState], failed: list[int]) -> _Failure:
+        import ray
+
+        first = failed[0]
+        state = states[first]
+        detail = state.error or ""
+        tail = ray.get(workers[first].log_tail.remote(30))
+        where = self.plan.node_paths(self.plan.slots[first].node_index).worker_log(first)
+        msg = f"rank {first} exited with code {state.returncode}" + (f": {detail}" if detail else "")
+        return _Failure("application", f"{msg}\n--- last lines of {where} ---\n{tail}")
+
+    def _timeout(self, phase: Phase) -> float:
+        rt = self.job.runtime
+        return {
+            Phase.STARTUP: rt.startup_timeout_s,
+            Phase.STEP: rt.step_timeout_s,
+            Phase.EVAL: rt.eval_timeout_s,
+            Phase.CHECKPOINT: rt.checkpoint_timeout_s,
+        }[phase]
+
+    def _shutdown(self, workers: list, pg) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        stops = [w.stop.remote() for w in workers]
+        try:
+            ray.get(stops, timeout=30)
+        except Exception:  # noqa: BLE001 - a dead actor has no process left to stop
+            pass
+        for w in workers:
+            ray.kill(w)
+        remove_placement_group(pg)
+
+    # -- end of run -------------------------------------------------------------------------
+    def _gather(self, record: RunRecord, final_events: dict[int, dict]) -> str:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        plan = self.plan
+        node0 = record.attempts[-1].nodes[0]
+        source = plan.node_paths(0).output_dir
+        export = ray.remote(num_cpus=0)(gather.export_model_dir).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node0["node_id"], soft=False)
+        )
+        files = ray.get(export.remote(source))
+        out_dir = os.path.join(plan.results_dir, "model")
+        provenance = {
+            "source": f"{node0['ip']}:{source}",
+            "global_step": record.steps[-1]["global_step"] if record.steps else None,
+            "degrees": dataclasses.asdict(plan.degrees),
+            "run_name": plan.run_name,
+        }
+        gather.write_gathered(files, out_dir, provenance)
+        return out_dir
+
+    @staticmethod
+    def _last_checkpoint(record: RunRecord) -> str | None:
+        return record.checkpoints[-1]["checkpoint"] if record.checkpoints else None
+
+    # -- talking to people -------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[bi150-ray] {text}", file=sys.stderr, flush=True)
+
+    def _describe_plan(self) -> str:
+        p, rt = self.plan, self.job.runtime
+        d = p.degrees
+        lines = [
+            f"run {p.run_name}: {rt.nodes} node(s) x {rt.devices_per_node} {rt.resource_name} = {rt.world_size} ranks, backend {rt.backend}",
+            f"degrees: dp {d.dp} x sharding {d.sharding} ({d.sharding_stage or 'off'}) x pp {d.pp} x tp {d.tp} x sep {d.sep};"
+            f" {p.tokens_per_step} tokens/step, {p.max_steps} steps",
+            f"node storage: {p.node_paths(0).run_dir}{' (shared)' if rt.shared_storage else ' (node-local)'}; results: {p.results_dir}",
+        ]
+        lines += [f"note: {a}" for a in p.adjustments] + [f"warning: {w}" for w in p.warnings]
+        return "\n".join(lines)
+
+    def _progress_bar(self, record: RunRecord):
+        if self.quiet:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.plan.max_steps, desc=self.plan.run_name, unit="step", file=sys.stderr,
+                    mininterval=2.0, dynamic_ncols=True)

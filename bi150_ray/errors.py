@@ -1,0 +1,25 @@
+"""Errors a user can act on: the CLI prints their message alone, without a traceback."""
+
+from bi150_ray.config import ConfigError
+from bi150_ray.data.mmap_format import CorpusFormatError
+from bi150_ray.devices import DeviceDetectionError, IxsmiParseError
+from bi150_ray.envcontract import EnvContractError
+
+
+class GangError(RuntimeError):
+    """The cluster cannot host the job; the message says what is missing."""
+
+
+class RunFailed(RuntimeError):
+    """The run stopped without finishing; the message has the cause and the last good checkpoint."""
+
+
+USER_ERRORS = (
+    ConfigError,
+    CorpusFormatError,
+    DeviceDetectionError,
+    IxsmiParseError,
+    EnvContractError,
+    GangError,
+    RunFailed,
+)
