@@ -25,11 +25,21 @@ def _runtime_overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from bi150_ray import config
     from bi150_ray.driver import PretrainJob
 
-    result = PretrainJob(args.config, **_runtime_overrides(args)).run()
-    print(json.dumps({"model_dir": result.model_dir, "run_record": result.run_record,
-                      "final_eval_loss": result.final_eval_loss, "train_metrics": result.train_metrics}, indent=1))
+    job = config.load(args.config, args.runtime, **_runtime_overrides(args))
+    result = PretrainJob(job).run()
+    summary = {
+        "status": result.status,
+        "model_dir": result.model_dir,
+        "run_record": result.run_record,
+        "final_eval_loss": result.final_eval_loss,
+        "last_step": result.last_step.get("global_step"),
+        "train_loss": result.last_step.get("loss"),
+    }
+    # One machine-readable line, for tools that read `ray job logs`.
+    print("BI150_RAY_RESULT " + json.dumps(summary))
     return 0
 
 
@@ -38,7 +48,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from bi150_ray.plan import make_plan
     from bi150_ray.topology import describe_groups
 
-    plan = make_plan(config.load(args.config, **_runtime_overrides(args)))
+    plan = make_plan(config.load(args.config, args.runtime, **_runtime_overrides(args)))
     groups = describe_groups(plan.degrees)
     if args.json:
         import dataclasses
@@ -51,7 +61,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"world {d.world}: dp {d.dp} x pp {d.pp} x sharding {d.sharding} ({d.sharding_stage or 'off'}) x sep {d.sep} x tp {d.tp}")
     print(f"tokens per optimizer step: {plan.tokens_per_step}")
     for name, lists in groups.items():
-        print(f"{name:9s} groups: {lists}")
+        if len(lists[0]) > 1:  # axes of degree 1 have only singleton groups
+            print(f"{name:9s} groups: {lists}")
     for w in plan.warnings:
         print(f"warning: {w}")
     return 0
@@ -127,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--backend", choices=["cpu", "corex", "iluvatar_gpu"])
         r.add_argument("--storage", help="runtime.storage_path")
         r.add_argument("--run-name")
+        r.add_argument("--runtime", help="a JSON file with the runtime section (keeps the PaddleNLP JSON unchanged)")
         if name == "plan":
             r.add_argument("--json", action="store_true")
         r.set_defaults(func=func)

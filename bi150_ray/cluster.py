@@ -182,6 +182,25 @@ class RankWorker:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def inventory(self, output_dir: str) -> dict[str, dict[str, int]]:
+        """checkpoint-N folders under output_dir on this node: {name: {file: size}}."""
+        out: dict[str, dict[str, int]] = {}
+        if not os.path.isdir(output_dir):
+            return out
+        for name in os.listdir(output_dir):
+            folder = os.path.join(output_dir, name)
+            if name.startswith("checkpoint-") and os.path.isdir(folder):
+                out[name] = {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                             if os.path.isfile(os.path.join(folder, f))}
+        return out
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as fh:
             return fh.read()

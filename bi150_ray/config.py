@@ -184,14 +184,28 @@ def from_dict(data: dict[str, Any], source: str = "<dict>", base_dir: str = ".",
     return JobConfig(paddlenlp=paddlenlp, runtime=runtime, source=source, base_dir=base_dir)
 
 
-def load(path: str | os.PathLike[str], **runtime_overrides: Any) -> JobConfig:
-    """Read a config file. The file is only read, never rewritten."""
-    path = str(path)
+def _read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            return json.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found.") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from None
+
+
+def load(path: str | os.PathLike[str], runtime_path: str | None = None, **runtime_overrides: Any) -> JobConfig:
+    """Read a config file (and optionally a separate runtime JSON). Files are only read.
+
+    Precedence: keyword overrides > runtime file > the config's own `runtime` section > defaults.
+    A separate runtime file lets a vendor PaddleNLP JSON stay byte-for-byte unchanged.
+    """
+    path = str(path)
+    data = _read_json(path)
+    if runtime_path:
+        extra = _read_json(runtime_path)
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{runtime_path}: the runtime file must be a JSON object.")
+        if isinstance(data, dict):
+            data = {**data, RUNTIME_KEY: {**data.get(RUNTIME_KEY, {}), **extra}}
     return from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)), **runtime_overrides)

@@ -19,7 +19,7 @@ from typing import Any
 
 from bi150_ray import config as config_mod
 from bi150_ray import events as ev
-from bi150_ray.checkpoint import gather
+from bi150_ray.checkpoint import gather, inventory
 from bi150_ray.config import JobConfig
 from bi150_ray.envcontract import RankEnvInput, rank_env, redact
 from bi150_ray.errors import RunFailed
@@ -79,6 +79,8 @@ class PretrainJob:
             self.job = config_mod.load(job, **runtime_overrides)
         self.plan: LaunchPlan = make_plan(self.job)  # refuses impossible jobs before touching Ray
         self.quiet = False
+        self._node_workers: dict[int, Any] = {}  # node index -> one RankWorker on it (this attempt)
+        self._confirmed: dict[int, set[int]] = {}  # step -> ranks that reported the save done
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> JobResult:
@@ -89,8 +91,8 @@ class PretrainJob:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
 
-        record = RunRecord(
-            path=os.path.join(plan.results_dir, "run_record.json"),
+        record = RunRecord.open(
+            os.path.join(plan.results_dir, "run_record.json"),
             run_name=plan.run_name,
             config_source=self.job.source,
             config_hash=self.job.config_hash(),
@@ -175,12 +177,21 @@ class PretrainJob:
             endpoints = tuple(f"{infos[i]['ip']}:{ports[i][0]}" for i in range(len(workers)))
             master = f"{infos[0]['ip']}:{ports[0][1]}"
 
-            first_on_node = {}
+            first_on_node: dict[int, int] = {}
             for slot in plan.slots:
                 first_on_node.setdefault(slot.node_index, slot.rank)
+            self._node_workers = {node: workers[rank] for node, rank in first_on_node.items()}
+            self._confirmed = {}
+            resume_step = self._resume_point()
+            attempt.resumed_from = f"checkpoint-{resume_step}" if resume_step is not None else None
+            if resume_step is not None and resume_step >= plan.max_steps:
+                # PaddleNLP would train one extra step when resumed at max_steps; the job is done.
+                self._say(f"checkpoint-{resume_step} already reaches max_steps: nothing to train")
+                attempt.cause = "already complete"
+                return None
             ray.get([
-                workers[rank].write_file.remote(plan.node_paths(node).args_path, json.dumps(plan.rank_args(node), indent=1))
-                for node, rank in first_on_node.items()
+                w.write_file.remote(plan.node_paths(node).args_path, json.dumps(plan.rank_args(node, resume_step), indent=1))
+                for node, w in self._node_workers.items()
             ])
             self._start_ranks(workers, endpoints, master)
             record.save()
@@ -212,7 +223,7 @@ class PretrainJob:
             )
             contract[ev.EVENTS_ENV] = paths.events_path(slot.rank)
             contract["BI150_RAY_HEARTBEAT_S"] = str(rt.heartbeat_s)
-            argv = ["{python}", "-u", "-m", RANK_MODULE, paths.args_path,
+            argv = ["{python}", "-u", "-m", RANK_MODULE, paths.args_path, "--no-auto-resume",
                     "--eval-iters", str(rt.eval_iters), "--test-iters", str(rt.test_iters)]
             starts.append(worker.start.remote(argv, contract, paths.worker_log(slot.rank), paths.events_path(slot.rank), paths.run_dir))
         ray.get(starts)
@@ -256,26 +267,75 @@ class PretrainJob:
         if kind == ev.READY:
             state.phase = Phase.STEP
             if rank == 0:
-                attempt.resumed_from = event.get("resumed_from")
                 record.environment.update({k: event[k] for k in ("paddle", "paddlenlp") if k in event})
         elif kind == ev.HEARTBEAT:
             state.phase = Phase(event.get("phase", state.phase.value))
         elif kind == ev.STEP and rank == 0:
             record.steps.append({k: v for k, v in event.items() if k not in ("kind", "rank")})
-            if bar is not None:
+            if bar is not None and not bar.disable:
                 bar.n = step
                 bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", tok_s=f"{event.get('tokens_per_second', 0):.0f}", refresh=False)
                 bar.refresh()
+            elif step % max(1, self.plan.max_steps // 20) == 0:  # logs, not a terminal: one line per 5%
+                self._say(f"step {step}/{self.plan.max_steps} loss {event.get('loss', float('nan')):.4f} "
+                          f"{event.get('tokens_per_second', 0):.0f} tokens/s")
         elif kind == ev.EVAL and rank == 0:
             record.evals.append({k: v for k, v in event.items() if k not in ("kind", "rank")})
             self._say(f"step {step}: eval_loss {event.get('eval_loss'):.4f}")
-        elif kind == ev.SAVE and rank == 0:
-            record.checkpoints.append({"global_step": step, "checkpoint": event["checkpoint"], "attempt": attempt.number})
+        elif kind == ev.SAVE:
+            self._confirm_save(rank, step, record, attempt)
         elif kind == ev.ERROR:
             state.error = event.get("error")
             state.traceback = event.get("traceback")
         elif kind == ev.DONE:
             final_events[rank] = event
+
+    # -- checkpoints: the runtime, not each rank, decides what is complete and where to resume --
+    def _node_of_rank(self) -> list[int]:
+        return [s.node_index for s in self.plan.slots]
+
+    def _confirm_save(self, rank: int, step: int, record: RunRecord, attempt: Attempt) -> None:
+        """Mark checkpoint-<step> complete on its nodes once every rank has reported it saved."""
+        import ray
+
+        confirmed = self._confirmed.setdefault(step, set())
+        confirmed.add(rank)
+        if len(confirmed) < len(self.plan.slots):
+            return
+        node_of_rank = self._node_of_rank()
+        holders = {node_of_rank[r] for r in inventory.expected_shards(self.plan.degrees).values()} | {node_of_rank[0]}
+        ray.get([
+            self._node_workers[n].write_bytes.remote(
+                os.path.join(self.plan.node_paths(n).output_dir, f"checkpoint-{step}", inventory.COMPLETE_MARKER), b"ok\n"
+            )
+            for n in sorted(holders)
+        ])
+        folder = os.path.join(self.plan.node_paths(0).output_dir, f"checkpoint-{step}")
+        record.checkpoints.append({"global_step": step, "checkpoint": folder, "attempt": attempt.number, "nodes": sorted(holders)})
+
+    def _resume_point(self) -> int | None:
+        """Newest complete checkpoint across the nodes; copies rank 0's metadata files to the others."""
+        import ray
+
+        plan, workers = self.plan, self._node_workers
+        nodes = sorted(workers)
+        found = ray.get([workers[n].inventory.remote(plan.node_paths(n).output_dir) for n in nodes])
+        inventories = dict(zip(nodes, found, strict=True))
+        node_of_rank = self._node_of_rank()
+        step = inventory.newest_complete(inventories, plan.degrees, node_of_rank)
+        if step is None:
+            return None
+        name, src = f"checkpoint-{step}", node_of_rank[0]
+        meta = [f for f in inventories[src][name] if not inventory.is_shard(f)]
+        copies = []
+        for n in nodes:
+            for f in meta:
+                if n != src and f not in inventories[n].get(name, {}):
+                    data = workers[src].read_bytes.remote(os.path.join(plan.node_paths(src).output_dir, name, f))
+                    copies.append(workers[n].write_bytes.remote(os.path.join(plan.node_paths(n).output_dir, name, f), data))
+        ray.get(copies)
+        self._say(f"resuming from {name} (complete on every node; {len(copies)} metadata file copies)")
+        return step
 
     def _application_failure(self, workers: list, states: list[_RankState], failed: list[int]) -> _Failure:
         import ray
@@ -359,4 +419,4 @@ class PretrainJob:
         from tqdm import tqdm
 
         return tqdm(total=self.plan.max_steps, desc=self.plan.run_name, unit="step", file=sys.stderr,
-                    mininterval=2.0, dynamic_ncols=True)
+                    mininterval=1.0, dynamic_ncols=True, disable=not sys.stderr.isatty())

@@ -87,8 +87,8 @@ class LaunchPlan:
         root = rt.results_path or rt.storage_path.replace("{node}", "driver")
         return os.path.abspath(os.path.join(root, self.run_name))
 
-    def rank_args(self, node_index: int) -> dict[str, Any]:
-        """The PaddleNLP JSON the ranks on one node receive."""
+    def rank_args(self, node_index: int, resume_step: int | None = None) -> dict[str, Any]:
+        """The PaddleNLP JSON the ranks on one node receive (resuming from checkpoint-<resume_step>)."""
         job = self.job
         args = dict(job.paddlenlp)
         for key in ("model_name_or_path", "tokenizer_name_or_path", "input_dir", "data_cache"):
@@ -101,6 +101,8 @@ class LaunchPlan:
             args["data_cache"] = paths.index_cache
         if job.runtime.shared_storage:
             args.setdefault("share_folder", True)
+        if resume_step is not None:
+            args["resume_from_checkpoint"] = os.path.join(paths.output_dir, f"checkpoint-{resume_step}")
         if job.runtime.backend == "cpu":
             args["device"] = "cpu"
             for key in _ACCELERATOR_ONLY:

@@ -43,6 +43,17 @@ class RunRecord:
     model_dir: str | None = None
     _last_write: float = 0.0
 
+    @classmethod
+    def open(cls, path: str, **fresh: Any) -> RunRecord:
+        """Continue the record of an earlier run of the same job, or start a new one."""
+        if not os.path.isfile(path):
+            return cls(path=path, **fresh)
+        old = load(path)
+        old["attempts"] = [Attempt(**a) for a in old.get("attempts", [])]
+        old.update({k: v for k, v in fresh.items() if k in ("config_source", "environment")})
+        old["status"] = "running"
+        return cls(path=path, **old)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("_last_write")

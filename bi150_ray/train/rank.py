@@ -107,7 +107,7 @@ def _start_heartbeat(writer: ev.EventWriter, cb: EventCallback, period_s: float)
     threading.Thread(target=beat, name="bi150-heartbeat", daemon=True).start()
 
 
-def run(args_path: str, eval_iters: int, test_iters: int, writer: ev.EventWriter) -> dict:
+def run(args_path: str, eval_iters: int, test_iters: int, writer: ev.EventWriter, auto_resume: bool = True) -> dict:
     import paddle
     from paddlenlp.data import Stack
     from paddlenlp.data.causal_dataset import build_train_valid_test_datasets, check_data_split
@@ -337,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args_json")
     parser.add_argument("--eval-iters", type=int, default=1, help="batches per evaluation (fork: 1)")
     parser.add_argument("--test-iters", type=int, default=1, help="batches for predict (fork: 1)")
+    parser.add_argument(
+        "--no-auto-resume",
+        action="store_true",
+        help="do not pick the newest checkpoint-N in output_dir (bi150-ray chooses the resume point itself)",
+    )
     opts = parser.parse_args(argv)
 
     rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             from bi150_ray.train import gloo_groups
 
             gloo_groups.install()
-        result = run(opts.args_json, opts.eval_iters, opts.test_iters, writer)
+        result = run(opts.args_json, opts.eval_iters, opts.test_iters, writer, auto_resume=not opts.no_auto_resume)
     except BaseException as exc:  # noqa: BLE001 - report every failure, then re-raise
         writer.emit(ev.ERROR, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise

@@ -1,0 +1,548 @@
+"""Launch overhead: the same tiny job run by `paddle.distributed.launch` and by bi150-ray.
+
+Both runners train the identical job: the demo's tiny LLaMA, the same PaddleNLP arguments (those
+`PretrainJob`'s plan hands our ranks, from `plan.rank_args(0)`), the same rank count with sharding
+stage1 over all ranks, the same number of steps, evaluation and intermediate checkpoints off, and
+fresh output and index-cache directories for every run (no resume). Both run the same rank program
+(`bi150_ray/train/rank.py`) and are measured from the same JSON-lines events it writes
+(`BI150_RAY_EVENTS`), so the figures do not depend on who started the processes:
+
+- launch: `python -m paddle.distributed.launch --nproc_per_node N --log_dir DIR .../rank.py ARGS.json`
+  on this host, as the vendor recipe does;
+- ours:   `PretrainJob(job).run()` on a simulated Ray cluster (bi150_ray.demo.simulated_cluster) of
+  `--nodes` node(s) x ranks/nodes BI150, started ONCE before the first round and kept up for the
+  whole benchmark, also while launch runs, so both runners see the same idle Ray daemons.
+
+Per run it reports
+- time-to-first-step: runner start (launch process spawned / PretrainJob constructed, the
+  driver already connected to the cluster) to the first `step` event of rank 0;
+- steady-state tokens/s: tokens between rank 0's step `--skip` and its last step divided by the
+  time between those two events;
+- where the time to the first step goes (our driver's phases are timed by wrapping cluster /
+  driver functions for the duration of the run; nothing is changed), and the CPU the runner's own
+  processes (launcher, or Ray daemons + actors + driver) and everything else on the machine used
+  during the steady-state window.
+
+Rounds alternate the runners and swap which one goes first every round (launch, ours | ours,
+launch | ...). The headline figures are the medians over rounds of the per-round ratios
+ours / launch. This is a benchmark, not a test: it asserts nothing about absolute times.
+
+    python bench/launch_overhead.py [--rounds 3] [--steps 40] [--ranks 2] [--nodes 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/launch_overhead.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from bi150_ray import config as config_mod  # noqa: E402
+from bi150_ray import events as ev  # noqa: E402
+
+RANK_FILE = REPO / "bi150_ray" / "train" / "rank.py"
+HEARTBEAT_S = 2.0  # the same heartbeat period for both runners
+# Both runners' ranks get these too: a Python stack in the rank log if a rank dies of a signal.
+RANK_ENV = {"PYTHONFAULTHANDLER": "1"}
+TARGET_TOKENS_RATIO = 0.98  # ours / launch, at least
+TARGET_TTFS_RATIO = 1.25  # ours / launch, at most
+
+
+# -- the machine ------------------------------------------------------------------------------
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 2**20, 1)
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gb": mem_gb,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "paddlepaddle": _version("paddlepaddle"),
+        "paddlenlp": _version("paddlenlp"),
+        "ray": _version("ray"),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def format_machine(m: dict[str, Any]) -> str:
+    return (
+        f"{m['nproc']} CPU(s) available ({m['cpu_count']} online), {m['cpu_model']}, {m['mem_gb']} GB RAM, "
+        f"Linux {m['kernel']}; python {m['python']}, paddlepaddle {m['paddlepaddle']} (CPU), "
+        f"paddlenlp {m['paddlenlp']}, ray {m['ray']}; load average at start {m['loadavg_at_start']}"
+    )
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+class CpuSampler:
+    """Samples, once per `period_s`, the CPU seconds of this process and all its descendants and
+    the machine's total busy CPU seconds, so a window's CPU can be split into ranks / the runner's
+    own processes / everything else on the machine (other people's jobs)."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        import psutil  # ships with ray[default]
+
+        self._psutil = psutil
+        self.period_s = period_s
+        self.samples: list[tuple[float, float, dict[int, float]]] = []  # (t, machine busy, {pid: cpu})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+
+    def _snapshot(self) -> None:
+        psutil = self._psutil
+        me = psutil.Process()
+        per_pid: dict[int, float] = {}
+        for proc in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                c = proc.cpu_times()
+                per_pid[proc.pid] = c.user + c.system
+        m = psutil.cpu_times()
+        busy = m.user + m.nice + m.system + m.irq + m.softirq + getattr(m, "steal", 0.0)
+        self.samples.append((time.time(), busy, per_pid))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._snapshot()
+
+    def __enter__(self) -> CpuSampler:
+        self._snapshot()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._snapshot()
+
+    def window(self, t_from: float, t_to: float, rank_pids: set[int]) -> dict[str, float] | None:
+        """Average CPUs busy in [t_from, t_to] (taken between the samples inside the window)."""
+        inside = [s for s in self.samples if t_from <= s[0] <= t_to]
+        if len(inside) < 2:
+            return None
+        (ta, busy_a, a), (tb, busy_b, b) = inside[0], inside[-1]
+        dt = tb - ta
+        ranks = sum(b[p] - a[p] for p in b if p in a and p in rank_pids)
+        runner = sum(b[p] - a[p] for p in b if p in a and p not in rank_pids)
+        return {
+            "ranks_cpus": ranks / dt,
+            "runner_cpus": runner / dt,  # launcher / Ray daemons, actors, driver, this process
+            "other_cpus": max(busy_b - busy_a - ranks - runner, 0.0) / dt,  # not ours at all
+        }
+
+
+# -- the job ----------------------------------------------------------------------------------
+def bench_config(root: str, steps: int, ranks: int, nodes: int) -> tuple[dict[str, Any], str]:
+    """The demo job, made a pure training benchmark: N ranks, sharding stage1 over all of them."""
+    from bi150_ray.demo import write_demo_config
+
+    if ranks % nodes:
+        raise SystemExit(f"--ranks {ranks} is not a multiple of --nodes {nodes}")
+    path = write_demo_config(root, steps)
+    with open(path, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    cfg.update(do_eval=False, eval_steps=10**6, save_steps=10**6)
+    if ranks > 1:
+        cfg.update(sharding="stage1", sharding_parallel_degree=ranks)
+    else:
+        cfg.update(sharding="", sharding_parallel_degree=1)
+    cfg["runtime"].update(nodes=nodes, devices_per_node=ranks // nodes, heartbeat_s=HEARTBEAT_S, gather=False)
+    return cfg, path
+
+
+def ours_job(cfg: dict[str, Any], config_path: str, run_dir: str, poll_s: float | None) -> config_mod.JobConfig:
+    data = json.loads(json.dumps(cfg))
+    data["runtime"].update(
+        run_name="bench",
+        storage_path=os.path.join(run_dir, "node{node}"),
+        results_path=os.path.join(run_dir, "results"),
+        # A relaunch would resume from a checkpoint and spoil the figures: fail instead.
+        max_app_restarts=0,
+        max_infra_restarts=0,
+        max_hang_restarts=0,
+        env=dict(RANK_ENV),
+    )
+    if poll_s is not None:
+        data["runtime"]["poll_s"] = poll_s
+    return config_mod.from_dict(data, source=config_path, base_dir=os.path.dirname(config_path))
+
+
+def launch_rank_args(cfg: dict[str, Any], config_path: str, run_dir: str) -> dict[str, Any]:
+    """Exactly what our rank 0's node receives, with the run's directories moved to `run_dir`."""
+    from bi150_ray.plan import make_plan
+
+    args = make_plan(ours_job(cfg, config_path, run_dir, None)).rank_args(0)
+    args.update(
+        output_dir=os.path.join(run_dir, "checkpoints"),
+        logging_dir=os.path.join(run_dir, "visualdl"),
+        data_cache=os.path.join(run_dir, "index-cache"),
+        device="cpu",
+    )
+    return args
+
+
+# -- one run ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    round: int
+    runner: str  # launch | ours
+    t0: float
+    t_exit: float
+    events: list[dict[str, Any]]
+    tokens_per_step: int
+    skip: int
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)  # ours: driver phases
+    cpu: dict[str, float] | None = None
+    exit_note: str = ""  # a rank that failed only after every rank reported `done`
+
+    def check_complete(self, ranks: int, max_steps: int) -> bool:
+        """Every rank said `done` and rank 0 logged every step: the figures are whole."""
+        done = {e["rank"] for e in self.events if e["kind"] == ev.DONE}
+        steps = self.steps
+        return done >= set(range(ranks)) and bool(steps) and steps[-1]["global_step"] == max_steps
+
+    def rank0(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("rank") == 0 and e["kind"] == kind]
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return sorted(self.rank0(ev.STEP), key=lambda e: e["global_step"])
+
+    @property
+    def ttfs(self) -> float:
+        return self.steps[0]["t"] - self.t0
+
+    def steady_window(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        steps = self.steps
+        first = next((e for e in steps if e["global_step"] >= self.skip), steps[0])
+        return first, steps[-1]
+
+    @property
+    def tokens_per_s(self) -> float:
+        a, b = self.steady_window()
+        return (b["global_step"] - a["global_step"]) * self.tokens_per_step / (b["t"] - a["t"])
+
+    @property
+    def median_step_tokens_per_s(self) -> float:
+        """Median of the per-step interval figures in the steady window (robust to short bursts)."""
+        a, b = self.steady_window()
+        return statistics.median(e["tokens_per_second"] for e in self.steps
+                                 if a["global_step"] < e["global_step"] <= b["global_step"])
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Seconds from t0 to each milestone on the way to the first step."""
+        out = {f"driver:{k}": v - self.t0 for k, v in self.marks.items() if k != "done"}
+        for kind in (ev.START, ev.READY):
+            found = self.rank0(kind)
+            if found:
+                out[f"rank0:{kind}"] = found[0]["t"] - self.t0
+        out["rank0:first step"] = self.ttfs
+        return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+    def summary(self) -> dict[str, Any]:
+        a, b = self.steady_window()
+        return {
+            "round": self.round,
+            "runner": self.runner,
+            "ttfs_s": self.ttfs,
+            "tokens_per_s": self.tokens_per_s,
+            "median_step_tokens_per_s": self.median_step_tokens_per_s,
+            "steady_steps": [a["global_step"], b["global_step"]],
+            "steady_s": b["t"] - a["t"],
+            "wall_s": self.t_exit - self.t0,
+            "exit_after_done_s": self.t_exit - max(e["t"] for e in self.rank0(ev.DONE)) if self.rank0(ev.DONE) else None,
+            "phases_s": self.phases,
+            "cpu": self.cpu,
+            "exit_note": self.exit_note,
+        }
+
+
+def read_events(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _cpu_window(run: Run, sampler: CpuSampler) -> dict[str, float] | None:
+    a, b = run.steady_window()
+    pids = {e["pid"] for e in run.events if e["kind"] == ev.START}
+    return sampler.window(a["t"], b["t"], pids)
+
+
+def run_launch(rnd: int, cfg: dict, config_path: str, run_dir: str, ranks: int, skip: int, tokens_per_step: int,
+               timeout_s: float) -> Run:
+    os.makedirs(run_dir)
+    args_path = os.path.join(run_dir, "args.json")
+    with open(args_path, "w", encoding="utf-8") as fh:
+        json.dump(launch_rank_args(cfg, config_path, run_dir), fh, indent=1)
+    events_path = os.path.join(run_dir, "events.jsonl")  # launch gives every rank the same env: one file
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        ev.EVENTS_ENV: events_path,
+        "BI150_RAY_HEARTBEAT_S": str(HEARTBEAT_S),
+        **RANK_ENV,
+    })
+    # The file path, not `-m bi150_ray.train.rank`: with `-m` launch falls back to its legacy mode.
+    argv = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(ranks),
+            "--log_dir", os.path.join(run_dir, "log"), str(RANK_FILE), args_path]
+    out_path = os.path.join(run_dir, "launch.out")
+    with CpuSampler() as sampler, open(out_path, "wb") as out:
+        t0 = time.time()
+        proc = subprocess.Popen(argv, env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"launch run {rnd} did not finish within {timeout_s:g}s; see {out_path}") from None
+        t_exit = time.time()
+    run = Run(rnd, "launch", t0, t_exit, read_events(events_path), tokens_per_step, skip)
+    if rc != 0:
+        if not run.check_complete(ranks, int(cfg["max_steps"])):
+            tail = Path(out_path).read_text(errors="replace").splitlines()[-30:]
+            raise RuntimeError(f"launch run {rnd} exited with {rc}; see {run_dir}/log:\n" + "\n".join(tail))
+        run.exit_note = f"launch exited {rc} after every rank reported done; see {run_dir}/log"
+    run.cpu = _cpu_window(run, sampler)
+    return run
+
+
+@contextlib.contextmanager
+def driver_marks() -> Iterator[dict[str, float]]:
+    """Time our driver's phases by wrapping (not changing) the functions it calls."""
+    from bi150_ray import cluster
+    from bi150_ray.driver import PretrainJob
+
+    marks: dict[str, float] = {}
+
+    def wrap(owner: Any, name: str, before: str | None, after: str | None) -> Any:
+        original = getattr(owner, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            if before:
+                marks.setdefault(before, time.time())
+            try:
+                return original(*a, **k)
+            finally:
+                if after:
+                    marks.setdefault(after, time.time())
+
+        setattr(owner, name, wrapper)
+        return original
+
+    patched = [
+        (cluster, "reserve_gang", wrap(cluster, "reserve_gang", None, "gang reserved")),
+        (cluster, "spawn_workers", wrap(cluster, "spawn_workers", None, "actors requested")),
+        # _start_ranks begins once the actors answered info/free_ports and wrote the args file.
+        (PretrainJob, "_start_ranks", wrap(PretrainJob, "_start_ranks", "actors up, args written", "ranks spawned")),
+        (PretrainJob, "_shutdown", wrap(PretrainJob, "_shutdown", "done", None)),
+    ]
+    try:
+        yield marks
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+
+
+def run_ours(rnd: int, cfg: dict, config_path: str, run_dir: str, skip: int, tokens_per_step: int,
+             poll_s: float | None) -> Run:
+    from bi150_ray.driver import PretrainJob
+    from bi150_ray.errors import RunFailed
+
+    os.makedirs(run_dir)
+    job = ours_job(cfg, config_path, run_dir, poll_s)
+    with CpuSampler() as sampler, driver_marks() as marks:
+        t0 = time.time()
+        pj = PretrainJob(job)
+        pj.quiet = True
+        failure = None
+        try:
+            result = pj.run()
+            if result.attempts != 1:
+                raise RuntimeError(f"our run {rnd} needed {result.attempts} attempts; the figures would include a resume")
+        except RunFailed as exc:
+            failure = exc
+        t_exit = time.time()
+    events: list[dict[str, Any]] = []
+    for slot in pj.plan.slots:  # one events file per rank, on its node's storage
+        with contextlib.suppress(OSError):
+            events += read_events(pj.plan.node_paths(slot.node_index).events_path(slot.rank))
+    run = Run(rnd, "ours", t0, t_exit, events, tokens_per_step, skip, marks=dict(marks))
+    if failure is not None:
+        if not run.check_complete(len(pj.plan.slots), pj.plan.max_steps):
+            raise failure
+        run.exit_note = f"driver reported a failure after every rank reported done: {str(failure).splitlines()[0]}"
+    run.cpu = _cpu_window(run, sampler)
+    return run
+
+
+# -- report -----------------------------------------------------------------------------------
+def _fmt_cpu(cpu: dict[str, float] | None) -> str:
+    if not cpu:
+        return "n/a"
+    return f"{cpu['ranks_cpus']:.2f}/{cpu['runner_cpus']:.2f}/{cpu['other_cpus']:.2f}"
+
+
+def round_table(runs: list[Run]) -> str:
+    head = (f"{'runner':<7} {'first step s':>12} {'rank up s':>9} {'ready s':>8} {'tok/s':>7} {'step med':>8} "
+            f"{'steps':>6} {'wall s':>7}  {'CPUs ranks/runner/other':>23}")
+    lines = [head]
+    for r in runs:
+        s = r.summary()
+        p = s["phases_s"]
+        steady = "{}-{}".format(*s["steady_steps"])
+        lines.append(
+            f"{r.runner:<7} {s['ttfs_s']:>12.2f} {p.get('rank0:start', float('nan')):>9.2f} "
+            f"{p.get('rank0:ready', float('nan')):>8.2f} {s['tokens_per_s']:>7.0f} {s['median_step_tokens_per_s']:>8.0f} "
+            f"{steady:>6} {s['wall_s']:>7.1f}  {_fmt_cpu(r.cpu):>23}"
+        )
+    ours = next((r for r in runs if r.runner == "ours"), None)
+    if ours is not None:
+        steps = ", ".join(f"{k.split(':', 1)[1]} {v:.2f}" for k, v in ours.phases.items())
+        lines.append(f"ours, seconds after PretrainJob(...): {steps}")
+    lines += [f"note ({r.runner}): {r.exit_note}" for r in runs if r.exit_note]
+    return "\n".join(lines)
+
+
+def ratios(runs: list[Run]) -> dict[str, float]:
+    by = {r.runner: r for r in runs}
+    return {
+        "tokens_ratio": by["ours"].tokens_per_s / by["launch"].tokens_per_s,
+        "step_median_ratio": by["ours"].median_step_tokens_per_s / by["launch"].median_step_tokens_per_s,
+        "ttfs_ratio": by["ours"].ttfs / by["launch"].ttfs,
+        "driver_overhead_s": by["ours"].phases.get("rank0:start", float("nan"))
+        - by["launch"].phases.get("rank0:start", float("nan")),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="launch/ours pairs (default 3)")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks per run, sharding stage1 over all (default 2)")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="simulated Ray nodes for ours (default 1: one host, like launch)")
+    ap.add_argument("--skip", type=int, default=5, help="steady state starts at this step (default 5)")
+    ap.add_argument("--poll-s", type=float, default=None, help="override runtime.poll_s for ours")
+    ap.add_argument("--root", default=None, help="working directory (default: a temporary one, removed)")
+    ap.add_argument("--keep", action="store_true", help="keep the working directory")
+    ap.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per launch run")
+    opts = ap.parse_args(argv)
+    if opts.steps <= opts.skip + 1:
+        ap.error("--steps must exceed --skip + 1")
+
+    from bi150_ray.demo import simulated_cluster
+    from bi150_ray.plan import make_plan
+
+    machine = machine_info()
+    print(f"machine: {format_machine(machine)}", flush=True)
+    if opts.ranks > machine["nproc"]:
+        print(f"note: {opts.ranks} ranks on {machine['nproc']} CPUs: ranks share cores", flush=True)
+
+    root = os.path.abspath(opts.root) if opts.root else tempfile.mkdtemp(prefix="bi150-launch-overhead-")
+    os.makedirs(root, exist_ok=True)
+    cfg, config_path = bench_config(root, opts.steps, opts.ranks, opts.nodes)
+    plan = make_plan(ours_job(cfg, config_path, os.path.join(root, "probe"), None))
+    tokens_per_step = plan.tokens_per_step
+    d = plan.degrees
+    print(f"job: {opts.ranks} ranks (dp {d.dp} x sharding {d.sharding} {d.sharding_stage or ''}), {opts.steps} steps, "
+          f"{tokens_per_step} tokens/step; ours on {opts.nodes} simulated node(s) x {opts.ranks // opts.nodes} BI150; "
+          f"steady state = steps {opts.skip}..{opts.steps}; work dir {root}", flush=True)
+
+    # Warm the page cache once so the first run does not pay for reading Paddle from disk alone.
+    subprocess.run([sys.executable, "-c", "import paddle, paddlenlp.transformers"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+
+    all_runs: list[list[Run]] = []
+    t_cluster = time.time()
+    with simulated_cluster(opts.nodes, opts.ranks // opts.nodes):
+        print(f"Ray cluster up in {time.time() - t_cluster:.1f}s (kept up for every run)\n", flush=True)
+        for rnd in range(1, opts.rounds + 1):
+            order = ["launch", "ours"] if rnd % 2 else ["ours", "launch"]
+            runs = []
+            for runner in order:
+                run_dir = os.path.join(root, "runs", f"r{rnd}-{runner}")
+                if runner == "launch":
+                    runs.append(run_launch(rnd, cfg, config_path, run_dir, opts.ranks, opts.skip,
+                                           tokens_per_step, opts.run_timeout))
+                else:
+                    runs.append(run_ours(rnd, cfg, config_path, run_dir, opts.skip, tokens_per_step, opts.poll_s))
+            all_runs.append(runs)
+            r = ratios(runs)
+            print(f"round {rnd} ({' then '.join(order)}):")
+            print(round_table(runs))
+            print(f"ratio ours/launch: tokens/s {r['tokens_ratio']:.3f}, time-to-first-step {r['ttfs_ratio']:.3f}\n",
+                  flush=True)
+
+    per_round = [ratios(runs) for runs in all_runs]
+    med_tok = statistics.median(r["tokens_ratio"] for r in per_round)
+    med_ttfs = statistics.median(r["ttfs_ratio"] for r in per_round)
+
+    def med(runner: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for runs in all_runs for r in runs if r.runner == runner)
+
+    print(f"summary over {opts.rounds} round(s) (medians):")
+    print(f"  {'':<22}{'launch':>10}{'ours':>10}{'ratio':>8}  target")
+    print(f"  {'tokens/s (steady)':<22}{med('launch', 'tokens_per_s'):>10.0f}{med('ours', 'tokens_per_s'):>10.0f}"
+          f"{med_tok:>8.3f}  >= {TARGET_TOKENS_RATIO} {'met' if med_tok >= TARGET_TOKENS_RATIO else 'MISSED'}")
+    print(f"  {'time to first step s':<22}{med('launch', 'ttfs'):>10.2f}{med('ours', 'ttfs'):>10.2f}"
+          f"{med_ttfs:>8.3f}  <= {TARGET_TTFS_RATIO} {'met' if med_ttfs <= TARGET_TTFS_RATIO else 'MISSED'}")
+    print("  per-round ratios (tokens/s, first step): "
+          + "; ".join(f"{r['tokens_ratio']:.3f}, {r['ttfs_ratio']:.3f}" for r in per_round))
+    print(f"  (ratio = median of the per-round ratios ours/launch; machine: {format_machine(machine)})")
+
+    if opts.json:
+        with open(opts.json, "w", encoding="utf-8") as fh:
+            json.dump({
+                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                "options": vars(opts),
+                "machine": machine,
+                "tokens_per_step": tokens_per_step,
+                "runs": [r.summary() for runs in all_runs for r in runs],
+                "per_round": per_round,
+                "median_tokens_ratio": med_tok,
+                "median_ttfs_ratio": med_ttfs,
+            }, fh, indent=1)
+        print(f"figures written to {opts.json}")
+    if not opts.root and not opts.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
