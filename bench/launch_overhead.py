@@ -10,8 +10,9 @@ fresh output and index-cache directories for every run (no resume). Both run the
 - launch: `python -m paddle.distributed.launch --nproc_per_node N --log_dir DIR .../rank.py ARGS.json`
   on this host, as the vendor recipe does;
 - ours:   `PretrainJob(job).run()` on a simulated Ray cluster (bi150_ray.demo.simulated_cluster) of
-  `--nodes` node(s) x ranks/nodes BI150, started ONCE before the first round and kept up for the
-  whole benchmark, also while launch runs, so both runners see the same idle Ray daemons.
+  `--nodes` node(s) x ranks/nodes BI150. Each round runs in its own process on its own cluster,
+  started and left idle for `--settle-s` before the round's first run and kept up for both runs,
+  so the cluster is already up for ours and both runners see the same idle Ray daemons.
 
 Per run it reports
 - time-to-first-step: runner start (launch process spawned / PretrainJob constructed, the
@@ -417,56 +418,133 @@ def _fmt_cpu(cpu: dict[str, float] | None) -> str:
     return f"{cpu['ranks_cpus']:.2f}/{cpu['runner_cpus']:.2f}/{cpu['other_cpus']:.2f}"
 
 
-def round_table(runs: list[Run]) -> str:
+def round_table(runs: list[dict[str, Any]]) -> str:
+    """One round, from Run.summary() dicts."""
     head = (f"{'runner':<7} {'first step s':>12} {'rank up s':>9} {'ready s':>8} {'tok/s':>7} {'step med':>8} "
             f"{'steps':>6} {'wall s':>7}  {'CPUs ranks/runner/other':>23}")
     lines = [head]
-    for r in runs:
-        s = r.summary()
+    for s in runs:
         p = s["phases_s"]
         steady = "{}-{}".format(*s["steady_steps"])
         lines.append(
-            f"{r.runner:<7} {s['ttfs_s']:>12.2f} {p.get('rank0:start', float('nan')):>9.2f} "
+            f"{s['runner']:<7} {s['ttfs_s']:>12.2f} {p.get('rank0:start', float('nan')):>9.2f} "
             f"{p.get('rank0:ready', float('nan')):>8.2f} {s['tokens_per_s']:>7.0f} {s['median_step_tokens_per_s']:>8.0f} "
-            f"{steady:>6} {s['wall_s']:>7.1f}  {_fmt_cpu(r.cpu):>23}"
+            f"{steady:>6} {s['wall_s']:>7.1f}  {_fmt_cpu(s['cpu']):>23}"
         )
-    ours = next((r for r in runs if r.runner == "ours"), None)
-    if ours is not None:
-        steps = ", ".join(f"{k.split(':', 1)[1]} {v:.2f}" for k, v in ours.phases.items())
-        lines.append(f"ours, seconds after PretrainJob(...): {steps}")
-    lines += [f"note ({r.runner}): {r.exit_note}" for r in runs if r.exit_note]
+    for s in runs:
+        if s["runner"] == "ours":
+            steps = ", ".join(f"{k.split(':', 1)[1]} {v:.2f}" for k, v in s["phases_s"].items())
+            lines.append(f"ours, seconds after PretrainJob(...): {steps}")
+    lines += [f"note ({s['runner']}): {s['exit_note']}" for s in runs if s["exit_note"]]
     return "\n".join(lines)
 
 
-def ratios(runs: list[Run]) -> dict[str, float]:
-    by = {r.runner: r for r in runs}
+def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    by = {s["runner"]: s for s in runs}
+    ours, launch = by["ours"], by["launch"]
+    nan = float("nan")
     return {
-        "tokens_ratio": by["ours"].tokens_per_s / by["launch"].tokens_per_s,
-        "step_median_ratio": by["ours"].median_step_tokens_per_s / by["launch"].median_step_tokens_per_s,
-        "ttfs_ratio": by["ours"].ttfs / by["launch"].ttfs,
-        "driver_overhead_s": by["ours"].phases.get("rank0:start", float("nan"))
-        - by["launch"].phases.get("rank0:start", float("nan")),
+        "tokens_ratio": ours["tokens_per_s"] / launch["tokens_per_s"],
+        "step_median_ratio": ours["median_step_tokens_per_s"] / launch["median_step_tokens_per_s"],
+        "ttfs_ratio": ours["ttfs_s"] / launch["ttfs_s"],
+        # How much later our rank 0 process existed than launch's: the runner's own overhead.
+        "rank_up_delta_s": ours["phases_s"].get("rank0:start", nan) - launch["phases_s"].get("rank0:start", nan),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="launch/ours pairs (default 3)")
+# -- driving the rounds -----------------------------------------------------------------------
+def _add_job_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
     ap.add_argument("--ranks", type=int, default=2, help="ranks per run, sharding stage1 over all (default 2)")
     ap.add_argument("--nodes", type=int, default=1,
                     help="simulated Ray nodes for ours (default 1: one host, like launch)")
     ap.add_argument("--skip", type=int, default=5, help="steady state starts at this step (default 5)")
     ap.add_argument("--poll-s", type=float, default=None, help="override runtime.poll_s for ours")
+    ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per launch run")
+    ap.add_argument("--settle-s", type=float, default=5.0, help="idle seconds after the cluster is up (default 5)")
+
+
+def _job_argv(opts: argparse.Namespace) -> list[str]:
+    argv = ["--steps", str(opts.steps), "--ranks", str(opts.ranks), "--nodes", str(opts.nodes),
+            "--skip", str(opts.skip), "--run-timeout", str(opts.run_timeout), "--settle-s", str(opts.settle_s)]
+    if opts.poll_s is not None:
+        argv += ["--poll-s", str(opts.poll_s)]
+    return argv
+
+
+def round_worker(opts: argparse.Namespace) -> int:
+    """One round in its own process, on its own simulated cluster (see main)."""
+    from bi150_ray.demo import simulated_cluster
+    from bi150_ray.plan import make_plan
+
+    root = opts.root
+    cfg, config_path = bench_config(root, opts.steps, opts.ranks, opts.nodes)
+    tokens_per_step = make_plan(ours_job(cfg, config_path, os.path.join(root, "probe"), None)).tokens_per_step
+    rnd = opts.round_worker
+    order = ["launch", "ours"] if rnd % 2 else ["ours", "launch"]
+    runs: list[dict[str, Any]] = []
+    t_cluster = time.time()
+    with simulated_cluster(opts.nodes, opts.ranks // opts.nodes):
+        print(f"cluster up in {time.time() - t_cluster:.1f}s", flush=True)
+        time.sleep(opts.settle_s)
+        for runner in order:
+            run_dir = os.path.join(root, "runs", f"r{rnd}.{opts.attempt}-{runner}")
+            if runner == "launch":
+                run = run_launch(rnd, cfg, config_path, run_dir, opts.ranks, opts.skip, tokens_per_step,
+                                 opts.run_timeout)
+            else:
+                run = run_ours(rnd, cfg, config_path, run_dir, opts.skip, tokens_per_step, opts.poll_s)
+            runs.append(run.summary())
+    with open(opts.out, "w", encoding="utf-8") as fh:
+        json.dump(runs, fh, indent=1)
+    return 0
+
+
+def run_round(opts: argparse.Namespace, rnd: int, root: str) -> list[dict[str, Any]]:
+    """A round in a child process, retried on a fresh cluster if it fails.
+
+    Each round runs in its own process with its own simulated cluster, started (and left idle for
+    --settle-s) before the round's first runner: the cluster is up for both runs of the round.
+    Why a process per round: on a shared machine other people's jobs may `ray stop` every Ray
+    process, and a Ray driver whose GCS is gone for 60 s terminates its whole process."""
+    for attempt in range(1, opts.retries + 2):
+        out = os.path.join(root, f"round{rnd}.{attempt}.json")
+        log = os.path.join(root, f"round{rnd}.{attempt}.log")
+        argv = [sys.executable, os.path.abspath(__file__), "--round-worker", str(rnd), "--attempt", str(attempt),
+                "--root", root, "--out", out, *_job_argv(opts)]
+        with open(log, "wb") as fh:
+            try:
+                rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                    timeout=2 * opts.run_timeout + 600).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        if rc == 0 and os.path.exists(out):
+            with open(out, encoding="utf-8") as fh:
+                return json.load(fh)
+        tail = "\n".join("    " + line for line in Path(log).read_text(errors="replace").splitlines()[-12:])
+        print(f"round {rnd} attempt {attempt} failed ({rc}); last lines of {log}:\n{tail}", flush=True)
+    raise SystemExit(f"round {rnd} failed {opts.retries + 1} times; see {root}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="launch/ours pairs (default 3)")
+    _add_job_flags(ap)
+    ap.add_argument("--retries", type=int, default=2, help="re-runs of a round that failed (default 2)")
     ap.add_argument("--root", default=None, help="working directory (default: a temporary one, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
-    ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds per launch run")
+    ap.add_argument("--round-worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--attempt", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     if opts.steps <= opts.skip + 1:
         ap.error("--steps must exceed --skip + 1")
+    if opts.ranks % opts.nodes:
+        ap.error(f"--ranks {opts.ranks} is not a multiple of --nodes {opts.nodes}")
+    if opts.round_worker is not None:
+        return round_worker(opts)
 
-    from bi150_ray.demo import simulated_cluster
     from bi150_ray.plan import make_plan
 
     machine = machine_info()
@@ -488,27 +566,16 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-c", "import paddle, paddlenlp.transformers"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
 
-    all_runs: list[list[Run]] = []
-    t_cluster = time.time()
-    with simulated_cluster(opts.nodes, opts.ranks // opts.nodes):
-        print(f"Ray cluster up in {time.time() - t_cluster:.1f}s (kept up for every run)\n", flush=True)
-        for rnd in range(1, opts.rounds + 1):
-            order = ["launch", "ours"] if rnd % 2 else ["ours", "launch"]
-            runs = []
-            for runner in order:
-                run_dir = os.path.join(root, "runs", f"r{rnd}-{runner}")
-                if runner == "launch":
-                    runs.append(run_launch(rnd, cfg, config_path, run_dir, opts.ranks, opts.skip,
-                                           tokens_per_step, opts.run_timeout))
-                else:
-                    runs.append(run_ours(rnd, cfg, config_path, run_dir, opts.skip, tokens_per_step, opts.poll_s))
-            all_runs.append(runs)
-            r = ratios(runs)
-            print(f"round {rnd} ({' then '.join(order)}):")
-            print(round_table(runs))
-            print(f"ratio ours/launch: tokens/s {r['tokens_ratio']:.3f} (per-step median {r['step_median_ratio']:.3f}), "
-                  f"time-to-first-step {r['ttfs_ratio']:.3f}; rank 0 up {r['driver_overhead_s']:+.2f}s vs launch\n",
-                  flush=True)
+    all_runs: list[list[dict[str, Any]]] = []
+    for rnd in range(1, opts.rounds + 1):
+        runs = run_round(opts, rnd, root)
+        all_runs.append(runs)
+        r = ratios(runs)
+        print(f"\nround {rnd} ({' then '.join(s['runner'] for s in runs)}):")
+        print(round_table(runs))
+        print(f"ratio ours/launch: tokens/s {r['tokens_ratio']:.3f} (per-step median {r['step_median_ratio']:.3f}), "
+              f"time-to-first-step {r['ttfs_ratio']:.3f}; our rank 0 up {r['rank_up_delta_s']:+.2f}s vs launch's",
+              flush=True)
 
     per_round = [ratios(runs) for runs in all_runs]
     med_tok = statistics.median(r["tokens_ratio"] for r in per_round)
@@ -516,24 +583,24 @@ def main(argv: list[str] | None = None) -> int:
     med_ttfs = statistics.median(r["ttfs_ratio"] for r in per_round)
 
     def med(runner: str, value: Any) -> float:
-        return statistics.median(value(r) for runs in all_runs for r in runs if r.runner == runner)
+        return statistics.median(value(s) for runs in all_runs for s in runs if s["runner"] == runner)
 
     def phase(name: str) -> Any:
-        return lambda r: r.phases.get(name, float("nan"))
+        return lambda s: s["phases_s"].get(name, float("nan"))
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
     rows = [
-        ("tokens/s (steady)", lambda r: r.tokens_per_s, "8.0f", med_tok,
+        ("tokens/s (steady)", lambda s: s["tokens_per_s"], "8.0f", med_tok,
          f">= {TARGET_TOKENS_RATIO} {verdict(med_tok >= TARGET_TOKENS_RATIO)}"),
-        ("  per-step median", lambda r: r.median_step_tokens_per_s, "8.0f", med_step, ""),
-        ("time to first step s", lambda r: r.ttfs, "8.2f", med_ttfs,
+        ("  per-step median", lambda s: s["median_step_tokens_per_s"], "8.0f", med_step, ""),
+        ("time to first step s", lambda s: s["ttfs_s"], "8.2f", med_ttfs,
          f"<= {TARGET_TTFS_RATIO} {verdict(med_ttfs <= TARGET_TTFS_RATIO)}"),
-        ("  rank 0 process up s", phase("rank0:start"), "8.2f", None, "runner's own share"),
+        ("  rank 0 process up s", phase("rank0:start"), "8.2f", None, "the runner's own share"),
         ("  rank 0 ready s", phase("rank0:ready"), "8.2f", None, "+ import paddle/paddlenlp, fleet, model, data"),
     ]
-    print(f"summary over {opts.rounds} round(s): medians; ratio = median of the per-round ratios ours/launch")
+    print(f"\nsummary over {opts.rounds} round(s): medians; ratio = median of the per-round ratios ours/launch")
     print(f"  {'':<22}{'launch':>8}{'ours':>8}{'ratio':>8}  target / meaning")
     for label, value, fmt, ratio, note in rows:
         ratio_s = f"{ratio:>8.3f}" if ratio is not None else " " * 8
@@ -549,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                 "options": vars(opts),
                 "machine": machine,
                 "tokens_per_step": tokens_per_step,
-                "runs": [r.summary() for runs in all_runs for r in runs],
+                "runs": [s for runs in all_runs for s in runs],
                 "per_round": per_round,
                 "median_tokens_ratio": med_tok,
                 "median_step_median_ratio": med_step,
