@@ -22,7 +22,7 @@ lint: $(STAMP)
 
 # pytest exits 5 when it collects nothing; that is not a failure of the code under test.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest tests -q -rA --durations=0 --durations-min=5 || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest tests -q -rfE --durations=0 --durations-min=5 || [ $$? -eq 5 ]
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q || [ $$? -eq 5 ]
