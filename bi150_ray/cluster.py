@@ -85,6 +85,19 @@ def node_order(nodes: list[NodeInfo]) -> list[int]:
     return sorted(range(len(nodes)), key=lambda i: (socket.inet_aton(nodes[i].ip), nodes[i].node_id))
 
 
+def _die_with_parent() -> None:
+    """Runs in the rank process before exec: SIGKILL it when the actor process dies.
+
+    So a killed actor, a stopped job (`ray job stop`) or a lost raylet never leaves a rank
+    running and holding devices, whatever Ray does with its own children.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
 class RankWorker:
     """Owns one rank process. Methods run on the actor; stop() may run while poll() does."""
@@ -137,7 +150,8 @@ class RankWorker:
         argv = [sys.executable if a == "{python}" else a for a in argv]
         env = worker_environ(os.environ, contract)
         self.proc = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self.tail = EventTail(events_path)
@@ -150,7 +164,7 @@ class RankWorker:
             events += self.tail.read_new()
         return {"returncode": code, "events": events}
 
-    def signal(self, signum: int) -> bool:
+    def send_signal(self, signum: int) -> bool:
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, signum)
             return True
@@ -163,6 +177,7 @@ class RankWorker:
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped (hung) rank must run to die
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -170,6 +185,27 @@ class RankWorker:
             except ProcessLookupError:
                 pass
         return self.proc.returncode
+
+    def dump_stacks(self, out_path: str) -> str:
+        """Python stacks of the rank into out_path: py-spy (works on a stopped process too), then
+        faulthandler (SIGUSR1) into the rank log if the process can still run signal handlers."""
+        if not self.proc or self.proc.poll() is not None:
+            return "process not running"
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        pyspy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        pyspy = pyspy if os.path.exists(pyspy) else "py-spy"
+        try:
+            out = subprocess.run([pyspy, "dump", "--nonblocking", "--pid", str(self.proc.pid)], capture_output=True, text=True, timeout=30)
+            text = out.stdout + out.stderr
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text = f"py-spy failed: {exc}"
+        with open(out_path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+        return out_path
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -60,7 +60,8 @@ class _RankState:
     returncode: int | None = None
     phase: Phase = Phase.STARTUP
     global_step: int = 0
-    last_progress: float = field(default_factory=time.time)
+    last_progress: float = field(default_factory=time.time)  # last change of step (or phase event)
+    last_seen: float = field(default_factory=time.time)  # last event of any kind, heartbeats included
     error: str | None = None
     traceback: str | None = None
 
@@ -81,6 +82,7 @@ class PretrainJob:
         self.quiet = False
         self._node_workers: dict[int, Any] = {}  # node index -> one RankWorker on it (this attempt)
         self._confirmed: dict[int, set[int]] = {}  # step -> ranks that reported the save done
+        self._attempt_number = 0
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> JobResult:
@@ -105,6 +107,7 @@ class PretrainJob:
             while True:
                 attempt = Attempt(number=len(record.attempts) + 1, started=time.time())
                 record.attempts.append(attempt)
+                self._attempt_number = attempt.number
                 failure = self._run_attempt(record, attempt, final_events)
                 attempt.ended = time.time()
                 if failure is None:
@@ -223,6 +226,7 @@ class PretrainJob:
             )
             contract[ev.EVENTS_ENV] = paths.events_path(slot.rank)
             contract["BI150_RAY_HEARTBEAT_S"] = str(rt.heartbeat_s)
+            contract["BI150_RAY_ATTEMPT"] = str(self._attempt_number)
             argv = ["{python}", "-u", "-m", RANK_MODULE, paths.args_path, "--no-auto-resume",
                     "--eval-iters", str(rt.eval_iters), "--test-iters", str(rt.test_iters)]
             starts.append(worker.start.remote(argv, contract, paths.worker_log(slot.rank), paths.events_path(slot.rank), paths.run_dir))
@@ -244,13 +248,12 @@ class PretrainJob:
                     state.returncode = poll["returncode"]
                 failed = [r for r, s in enumerate(states) if s.returncode not in (None, 0)]
                 if failed:
-                    return self._application_failure(workers, states, failed)
+                    return self._rank_failure(workers, states, failed)
                 if all(s.returncode == 0 for s in states):
                     return None
                 hung = [r for r, s in enumerate(states) if s.returncode is None and now - s.last_progress > self._timeout(s.phase)]
                 if hung:
-                    phases = {r: states[r].phase.value for r in hung}
-                    return _Failure("hang", f"ranks {hung} made no progress within the {phases} timeout(s)")
+                    return self._hang(workers, states, hung, attempt)
                 record.save(min_interval_s=5.0)
                 time.sleep(rt.poll_s)
         finally:
@@ -260,6 +263,7 @@ class PretrainJob:
     def _on_event(self, rank: int, state: _RankState, event: dict, record: RunRecord, attempt: Attempt,
                   final_events: dict[int, dict], bar, now: float) -> None:
         kind = event["kind"]
+        state.last_seen = now
         step = event.get("global_step", state.global_step)
         if step != state.global_step or kind in (ev.READY, ev.EVAL, ev.SAVE, ev.DONE):
             state.last_progress = now
@@ -337,16 +341,44 @@ class PretrainJob:
         self._say(f"resuming from {name} (complete on every node; {len(copies)} metadata file copies)")
         return step
 
-    def _application_failure(self, workers: list, states: list[_RankState], failed: list[int]) -> _Failure:
+    def _rank_failure(self, workers: list, states: list[_RankState], failed: list[int]) -> _Failure:
+        """A rank that exited non-zero is an application failure; one killed by a signal from
+        outside (OOM killer, operator, a dying node) is infrastructure."""
         import ray
 
-        first = failed[0]
+        killed = [r for r in failed if (states[r].returncode or 0) < 0 and not states[r].error]
+        if killed:  # the root cause: its peers then fail in collectives and report errors of their own
+            r = killed[0]
+            where = self.plan.node_paths(self.plan.slots[r].node_index).worker_log(r)
+            return _Failure("infrastructure", f"rank {r} was killed by signal {-states[r].returncode} (see {where})")
+        first = next((r for r in failed if states[r].error), failed[0])
         state = states[first]
-        detail = state.error or ""
-        tail = ray.get(workers[first].log_tail.remote(30))
         where = self.plan.node_paths(self.plan.slots[first].node_index).worker_log(first)
-        msg = f"rank {first} exited with code {state.returncode}" + (f": {detail}" if detail else "")
+        tail = ray.get(workers[first].log_tail.remote(30))
+        msg = f"rank {first} exited with code {state.returncode}" + (f": {state.error}" if state.error else "")
         return _Failure("application", f"{msg}\n--- last lines of {where} ---\n{tail}")
+
+    def _hang(self, workers: list, states: list[_RankState], hung: list[int], attempt: Attempt) -> _Failure:
+        """Dump every rank's Python stacks into the run's logs, then report which ranks stalled."""
+        import ray
+
+        dumps = []
+        for slot, worker in zip(self.plan.slots, workers, strict=True):
+            path = os.path.join(self.plan.node_paths(slot.node_index).log_dir, f"stacks.{slot.rank}.attempt{attempt.number}.txt")
+            dumps.append(worker.dump_stacks.remote(path))
+        files = ray.get(dumps, timeout=120)
+        silent = [r for r in hung if time.time() - states[r].last_seen > 3 * self.job.runtime.heartbeat_s]
+        attempt.hang = {
+            "ranks": hung,
+            "silent_ranks": silent,  # no heartbeat either: the process itself is stuck or frozen
+            "phases": {r: states[r].phase.value for r in hung},
+            "last_step": {r: states[r].global_step for r in hung},
+            "stack_dumps": files,
+        }
+        detail = ", ".join(f"rank {r} in {states[r].phase.value} at step {states[r].global_step}" for r in hung)
+        culprit = silent[0] if silent else hung[0]
+        lead = f"ranks {silent} stopped heartbeating; " if silent else ""
+        return _Failure("hang", f"{lead}no progress within the phase timeout: {detail}; stacks in {files[culprit]}")
 
     def _timeout(self, phase: Phase) -> float:
         rt = self.job.runtime

@@ -23,6 +23,7 @@ class Attempt:
     cause: str = ""
     nodes: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
+    hang: dict[str, Any] | None = None  # hung ranks, their phase and step, stack dump files
 
 
 @dataclass

@@ -30,6 +30,22 @@ from bi150_ray.train.phases import Phase
 os.environ.setdefault("USE_CASUAL_MASK", "True")
 
 HEARTBEAT_ENV = "BI150_RAY_HEARTBEAT_S"
+# Test-only fault injection: "kill_before_save_confirm:rank=R:step=S:attempt=A" makes rank R
+# SIGKILL itself after PaddleNLP wrote checkpoint-S but before reporting the save -- from the
+# runtime's point of view, dying while the checkpoint is being written.
+FAULT_ENV = "BI150_RAY_FAULT"
+
+
+def _fault(kind: str, step: int) -> bool:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith(kind + ":"):
+        return False
+    want = dict(part.split("=", 1) for part in spec.split(":")[1:])
+    return (
+        int(want.get("rank", -1)) == int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+        and int(want.get("step", -1)) == step
+        and int(want.get("attempt", 1)) == int(os.environ.get("BI150_RAY_ATTEMPT", "1"))
+    )
 
 
 def get_train_data_file(input_dir: str) -> list:
@@ -93,6 +109,8 @@ class EventCallback:
         self.phase = Phase.CHECKPOINT if control.should_save else Phase.STEP
 
     def on_save(self, args, state, control, **kwargs):
+        if _fault("kill_before_save_confirm", state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         self.writer.emit(ev.SAVE, global_step=state.global_step, checkpoint=folder)
         self.phase = Phase.STEP
