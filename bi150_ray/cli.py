@@ -89,6 +89,15 @@ def _cmd_node_resources(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gather(args: argparse.Namespace) -> int:
+    """A checkpoint folder on this machine (or shared storage) -> one loadable model directory."""
+    from bi150_ray.checkpoint.merge import merge_checkpoint
+
+    out = merge_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp)
+    print(out)
+    return 0
+
+
 def _record_path(path: str) -> str:
     return os.path.join(path, "run_record.json") if os.path.isdir(path) else path
 
@@ -153,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--ixsmi", default="ixsmi")
     n.add_argument("--resource-name", default="BI150")
     n.set_defaults(func=_cmd_node_resources)
+
+    g = sub.add_parser("gather", help="merge a checkpoint-N (tp/pp shards) into one safetensors model dir")
+    g.add_argument("checkpoint", help="a checkpoint-N folder (or output_dir) holding model_state*.pdparams")
+    g.add_argument("--out", required=True)
+    g.add_argument("--tp", type=int, help="expected tensor-parallel degree (default: from file names)")
+    g.add_argument("--pp", type=int, help="expected pipeline-parallel degree (default: from file names)")
+    g.set_defaults(func=_cmd_gather)
 
     for name, func in (("status", _cmd_status), ("report", _cmd_report)):
         s = sub.add_parser(name, help=f"{name} of a run (its results dir or run_record.json)")

@@ -237,6 +237,16 @@ class RankWorker:
             fh.write(data)
         os.replace(tmp, path)
 
+    def list_files(self, folder: str) -> dict[str, int]:
+        if not os.path.isdir(folder):
+            return {}
+        return {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))}
+
+    def read_chunk(self, path: str, offset: int, size: int) -> bytes:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as fh:
             return fh.read()
@@ -253,3 +263,13 @@ def spawn_workers(pg: PlacementGroup, bundle_index_per_rank: list[int], resource
             ).remote()
         )
     return workers
+
+
+def file_actors(node_ids: list[str]) -> list:
+    """One zero-resource RankWorker pinned to each node, for reading and writing files there."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return [
+        RankWorker.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n, soft=False)).remote()
+        for n in node_ids
+    ]

@@ -132,7 +132,7 @@ class PretrainJob:
             record.save()
             raise
 
-        model_dir = self._gather(record, final_events) if rt.gather else None
+        model_dir = self._gather(record) if rt.gather else None
         record.status = "succeeded"
         record.model_dir = model_dir
         done = final_events.get(0, {})
@@ -403,26 +403,37 @@ class PretrainJob:
         remove_placement_group(pg)
 
     # -- end of run -------------------------------------------------------------------------
-    def _gather(self, record: RunRecord, final_events: dict[int, dict]) -> str:
+    def _gather(self, record: RunRecord) -> str:
+        """The final model (PaddleNLP's save_model in output_dir), from wherever its shards are,
+        merged into one loadable directory."""
+        import shutil
+
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from bi150_ray import cluster
+        from bi150_ray.checkpoint.merge import merge_checkpoint
 
         plan = self.plan
-        node0 = record.attempts[-1].nodes[0]
-        source = plan.node_paths(0).output_dir
-        export = ray.remote(num_cpus=0)(gather.export_model_dir).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node0["node_id"], soft=False)
-        )
-        files = ray.get(export.remote(source))
         out_dir = os.path.join(plan.results_dir, "model")
         provenance = {
-            "source": f"{node0['ip']}:{source}",
-            "global_step": record.steps[-1]["global_step"] if record.steps else None,
+            "global_step": max((c["global_step"] for c in record.checkpoints), default=None),
             "degrees": dataclasses.asdict(plan.degrees),
             "run_name": plan.run_name,
         }
-        gather.write_gathered(files, out_dir, provenance)
-        return out_dir
+        if self.job.runtime.shared_storage:
+            return merge_checkpoint(plan.node_paths(0).output_dir, out_dir, plan.degrees.tp, plan.degrees.pp, provenance=provenance)
+        nodes = record.attempts[-1].nodes
+        actors = cluster.file_actors([n["node_id"] for n in nodes])
+        staging = os.path.join(plan.results_dir, f".staging-{os.getpid()}")
+        try:
+            sources = {n["node_index"]: (a, plan.node_paths(n["node_index"]).output_dir) for n, a in zip(nodes, actors, strict=True)}
+            gather.stage_from_nodes(sources, rank0_node=plan.slots[0].node_index, staging=staging)
+            provenance["source"] = {n["node_index"]: f"{n['ip']}:{plan.node_paths(n['node_index']).output_dir}" for n in nodes}
+            return merge_checkpoint(staging, out_dir, plan.degrees.tp, plan.degrees.pp, provenance=provenance)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            for a in actors:
+                ray.kill(a)
 
     @staticmethod
     def _last_checkpoint(record: RunRecord) -> str | None:

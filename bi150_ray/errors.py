@@ -1,5 +1,7 @@
 """Errors a user can act on: the CLI prints their message alone, without a traceback."""
 
+from bi150_ray.checkpoint.gather import GatherError
+from bi150_ray.checkpoint.merge import MergeError
 from bi150_ray.config import ConfigError
 from bi150_ray.data.mmap_format import CorpusFormatError
 from bi150_ray.devices import DeviceDetectionError, IxsmiParseError
@@ -22,4 +24,6 @@ USER_ERRORS = (
     EnvContractError,
     GangError,
     RunFailed,
+    GatherError,
+    MergeError,
 )

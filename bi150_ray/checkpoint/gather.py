@@ -1,13 +1,12 @@
 """Collect the final model from the node that saved it into one loadable directory.
 
-For data-parallel x sharding runs the whole model is saved by global rank 0 (PaddleNLP's
-`save_model`) on that rank's node. Without a shared filesystem that file sits on one node's disk,
-so a Ray task on that node reads it, converts the pickle-based `.pdparams` into safetensors there
-(pickles are only ever read from the run's own storage), and ships the bytes to the driver. The
-driver writes the directory under a temporary name with a checksum manifest and a completion
-marker, then renames it: a gather that dies leaves nothing that looks finished.
-
-Tensor/pipeline shard merging and multi-node shard collection belong to the checkpoint issue.
+PaddleNLP saves model shards (`model_state[.tpXX][_ppYY].pdparams`) on the ranks that own them,
+so without a shared filesystem they sit on several nodes' disks. File actors on those nodes stream
+them into a staging folder under the run's results (pickle-based `.pdparams` are only ever read
+from the run's own storage), then `merge.merge_checkpoint` merges tp/pp shards with PaddleNLP's
+own mappings into sharded safetensors. Output is written under a temporary name with a checksum
+manifest and a completion marker, then renamed: a gather that dies leaves nothing that looks
+finished.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import time
 from typing import Any
 
 COMPLETE_MARKER = ".bi150_complete"
@@ -39,55 +36,37 @@ class GatherError(RuntimeError):
     pass
 
 
-def export_model_dir(model_dir: str) -> dict[str, bytes]:
-    """Runs on the node holding `model_dir`: weights as safetensors bytes plus side files."""
-    import numpy as np
-    import paddle
-    from safetensors.numpy import save
+CHUNK = 256 << 20  # bytes per Ray transfer when copying a file off a node
 
-    weights_path = os.path.join(model_dir, "model_state.pdparams")
-    if not os.path.isfile(weights_path):
-        raise GatherError(f"{weights_path}: missing; the final model was not saved (did training finish?)")
-    state = paddle.load(weights_path, return_numpy=True)
-    if not state:
-        raise GatherError(f"{weights_path}: holds no tensors")
-    tensors = {name: np.ascontiguousarray(value) for name, value in state.items()}
-    files = {WEIGHTS: save(tensors, metadata={"format": "np"})}
-    total = sum(t.nbytes for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": {name: WEIGHTS for name in sorted(tensors)}}
-    files[INDEX] = json.dumps(index, indent=2).encode()
+
+def stage_from_nodes(sources: dict[int, tuple[Any, str]], rank0_node: int, staging: str) -> list[str]:
+    """Copy one model folder's pieces from the nodes into `staging` on this machine.
+
+    `sources[node] = (file actor on that node, folder path there)`. Model shards are taken from
+    whichever node has them; the small metadata files (config, tokenizer) from rank 0's node.
+    Files move in CHUNK-sized pieces so a multi-GB shard never sits whole in the object store.
+    """
+    import ray
+
+    os.makedirs(staging, exist_ok=True)
+    listings = dict(zip(sources, ray.get([a.list_files.remote(path) for a, path in sources.values()]), strict=True))
+    plan: dict[str, tuple[int, int]] = {}
+    for node, files in listings.items():
+        for name, size in files.items():
+            if name.startswith("model_state") and name.endswith(".pdparams"):
+                plan.setdefault(name, (node, size))
     for name in SIDE_FILES:
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as fh:
-                files[name] = fh.read()
-    if "config.json" not in files:
-        raise GatherError(f"{model_dir}: no config.json next to the weights")
-    return files
-
-
-def write_gathered(files: dict[str, bytes], out_dir: str, provenance: dict[str, Any]) -> str:
-    """Write files + manifest under a temporary name, then rename into place atomically."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out_dir}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    entries = []
-    for name in sorted(files):
-        data = files[name]
-        with open(os.path.join(tmp, name), "wb") as fh:
-            fh.write(data)
-        entries.append({"file": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"created": time.time(), "files": entries, **provenance}
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2)
-    with open(os.path.join(tmp, COMPLETE_MARKER), "w", encoding="utf-8") as fh:
-        fh.write("ok\n")
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+        if name in listings.get(rank0_node, {}):
+            plan[name] = (rank0_node, listings[rank0_node][name])
+    if not any(n.startswith("model_state") for n in plan):
+        where = ", ".join(f"node {n}: {sources[n][1]}" for n in sources)
+        raise GatherError(f"no model_state*.pdparams found ({where}); did training save a model?")
+    for name, (node, size) in sorted(plan.items()):
+        actor, folder = sources[node]
+        with open(os.path.join(staging, name), "wb") as out:
+            for offset in range(0, max(size, 1), CHUNK):
+                out.write(ray.get(actor.read_chunk.remote(os.path.join(folder, name), offset, CHUNK)))
+    return sorted(plan)
 
 
 def verify_gathered(out_dir: str) -> dict[str, Any]:

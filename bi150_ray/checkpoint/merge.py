@@ -501,6 +501,7 @@ def merge_checkpoint(
     tp: int | None = None,
     pp: int | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """Checkpoint folder -> loadable model dir, streaming stage by stage (13B pp8: ~1 stage + 1 shard in RAM).
 
@@ -521,9 +522,10 @@ def merge_checkpoint(
                 extra[name] = fh.read()
     provenance = {
         "source": os.path.abspath(ckpt_dir),
-        "merged_from": sorted(shards.files.values()),
+        "merged_from": sorted(os.path.basename(p) for p in shards.files.values()),
         "tp": shards.tp,
         "pp": shards.pp,
+        **(provenance or {}),
     }
     log.info("merging %d shards (tp=%d, pp=%d) from %s", len(shards.files), shards.tp, shards.pp, ckpt_dir)
     return write_model_dir(
