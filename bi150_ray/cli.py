@@ -44,28 +44,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from bi150_ray import config
+    """Degrees, groups, rank layout, memory per device and throughput, before anything runs."""
+    import dataclasses
+
+    from bi150_ray import config, estimate
     from bi150_ray.plan import make_plan
-    from bi150_ray.topology import describe_groups
+    from bi150_ray.topology import cross_node_pipeline_hops, describe_groups
 
     plan = make_plan(config.load(args.config, args.runtime, **_runtime_overrides(args)))
+    rt = plan.job.runtime
+    registry = estimate.load_registry(args.device_registry)
+    device = estimate.find_device(args.device or ("cpu" if rt.backend == "cpu" else "BI-V150"), registry)
+    est = estimate.estimate(plan.rank_args(0), rt.nodes, rt.devices_per_node, device, assumed_mfu=args.mfu)
     groups = describe_groups(plan.degrees)
+    hops = cross_node_pipeline_hops(plan.degrees, rt.devices_per_node)
     if args.json:
-        import dataclasses
-
-        print(json.dumps({"degrees": dataclasses.asdict(plan.degrees), "groups": groups,
-                          "tokens_per_step": plan.tokens_per_step, "warnings": plan.warnings,
-                          "adjustments": plan.adjustments}, indent=1))
+        print(json.dumps({"run_name": plan.run_name, "degrees": dataclasses.asdict(plan.degrees), "groups": groups,
+                          "cross_node_pipeline_hops": [dataclasses.asdict(h) for h in hops],
+                          "warnings": plan.warnings, "adjustments": plan.adjustments, "estimate": est}, indent=1, default=str))
         return 0
     d = plan.degrees
-    print(f"world {d.world}: dp {d.dp} x pp {d.pp} x sharding {d.sharding} ({d.sharding_stage or 'off'}) x sep {d.sep} x tp {d.tp}")
-    print(f"tokens per optimizer step: {plan.tokens_per_step}")
+    print(f"world {d.world} = {rt.nodes} nodes x {rt.devices_per_node}: dp {d.dp} x pp {d.pp} x sharding {d.sharding} "
+          f"({d.sharding_stage or 'off'}) x sep {d.sep} x tp {d.tp}")
     for name, lists in groups.items():
         if len(lists[0]) > 1:  # axes of degree 1 have only singleton groups
-            print(f"{name:9s} groups: {lists}")
+            print(f"  {name} groups: {lists if len(lists) <= 8 else lists[:8] + ['...']}")
+    if hops:
+        pipes = d.world // d.pp
+        print(f"  pipeline hops crossing nodes: {len(hops) // pipes} of {d.pp - 1} in each of the {pipes} pipes")
+    print(estimate.format_estimate(est))
     for w in plan.warnings:
         print(f"warning: {w}")
-    return 0
+    return 0 if est["verdict"] != "does not fit" else 3
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
@@ -150,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--runtime", help="a JSON file with the runtime section (keeps the PaddleNLP JSON unchanged)")
         if name == "plan":
             r.add_argument("--json", action="store_true")
+            r.add_argument("--device", help="device registry entry (default: BI-V150, or cpu for the cpu backend)")
+            r.add_argument("--device-registry", help="a JSON file extending bi150_ray/device_registry.json")
+            r.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time forecast")
         r.set_defaults(func=func)
 
     v = sub.add_parser("devices", help="BI150 devices on this node, from ixsmi")

@@ -6,6 +6,7 @@ from bi150_ray.config import ConfigError
 from bi150_ray.data.mmap_format import CorpusFormatError
 from bi150_ray.devices import DeviceDetectionError, IxsmiParseError
 from bi150_ray.envcontract import EnvContractError
+from bi150_ray.estimate import EstimateError
 
 
 class GangError(RuntimeError):
@@ -26,4 +27,5 @@ USER_ERRORS = (
     RunFailed,
     GatherError,
     MergeError,
+    EstimateError,
 )

@@ -83,3 +83,40 @@ def test_ray_job_submit_runs_the_driver_and_reports_through_the_job_api(ray_head
     assert summary["final_eval_loss"] < 8.0
     assert os.path.isfile(os.path.join(summary["model_dir"], "model.safetensors.index.json"))
     assert "degrees: dp 1 x sharding 2 (stage1)" in logs  # the driver's own words, via the job API
+
+
+def test_ray_job_stop_ends_every_rank_process_within_seconds(ray_head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    cfg_path = write_demo_config(str(tmp_path / "stopjob"), max_steps=400)
+    cfg = json.loads(Path(cfg_path).read_text())
+    cfg["runtime"].update({"nodes": 1, "devices_per_node": 2, "run_name": "stopped"})
+    Path(cfg_path).write_text(json.dumps(cfg))
+    client = JobSubmissionClient(ray_head["address"])
+    for _ in range(60):  # the head's job agent needs a few seconds after `ray start`
+        try:
+            job_id = client.submit_job(
+                entrypoint=f"python jobs/pretrain.py --config {cfg_path}", runtime_env={"working_dir": str(REPO)}
+            )
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc):
+                raise
+            time.sleep(1)
+    events = Path(cfg["runtime"]["storage_path"].replace("{node}", "0")) / "stopped" / "logs" / "events.1.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (events.exists() and '"kind": "step"' in events.read_text()):
+        time.sleep(1)
+    assert '"kind": "step"' in events.read_text(), client.get_job_logs(job_id)[-3000:]
+
+    def rank_processes() -> list[str]:
+        out = subprocess.run(["pgrep", "-af", "bi150_ray.train.rank"], capture_output=True, text=True)
+        return [line for line in out.stdout.splitlines() if "stopped/paddlenlp_args.json" in line]
+
+    assert len(rank_processes()) == 2
+    t0 = time.time()
+    client.stop_job(job_id)
+    while rank_processes() and time.time() - t0 < 30:
+        time.sleep(0.5)
+    print(f"ranks gone {time.time() - t0:.1f}s after ray job stop")
+    assert rank_processes() == [], "rank processes survived `ray job stop`"
