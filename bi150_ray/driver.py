@@ -83,6 +83,8 @@ class PretrainJob:
         self._node_workers: dict[int, Any] = {}  # node index -> one RankWorker on it (this attempt)
         self._confirmed: dict[int, set[int]] = {}  # step -> ranks that reported the save done
         self._attempt_number = 0
+        self._flops_per_token, self._peak_flops = self._mfu_basis()
+        self._metrics: dict[str, Any] = {}
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> JobResult:
@@ -275,6 +277,7 @@ class PretrainJob:
         elif kind == ev.HEARTBEAT:
             state.phase = Phase(event.get("phase", state.phase.value))
         elif kind == ev.STEP and rank == 0:
+            self._observe_step(event)
             record.steps.append({k: v for k, v in event.items() if k not in ("kind", "rank")})
             if bar is not None and not bar.disable:
                 bar.n = step
@@ -285,6 +288,7 @@ class PretrainJob:
                           f"{event.get('tokens_per_second', 0):.0f} tokens/s")
         elif kind == ev.EVAL and rank == 0:
             record.evals.append({k: v for k, v in event.items() if k not in ("kind", "rank")})
+            self._set_metric("bi150_ray_eval_loss", event.get("eval_loss"))
             self._say(f"step {step}: eval_loss {event.get('eval_loss'):.4f}")
         elif kind == ev.SAVE:
             self._confirm_save(rank, step, record, attempt)
@@ -438,6 +442,46 @@ class PretrainJob:
     @staticmethod
     def _last_checkpoint(record: RunRecord) -> str | None:
         return record.checkpoints[-1]["checkpoint"] if record.checkpoints else None
+
+    # -- observing the run ---------------------------------------------------------------------
+    def _mfu_basis(self) -> tuple[float | None, float | None]:
+        """Model FLOPs per token and the device's peak for the backend in use (None = unknown)."""
+        from bi150_ray import estimate
+
+        rt = self.job.runtime
+        try:
+            args = self.plan.rank_args(0)
+            dims = estimate.model_dims_for(args)
+            flops = estimate.flops_per_token(dims, int(args.get("max_seq_length", 1024))).model
+            device = estimate.find_device("cpu" if rt.backend == "cpu" else "BI-V150", estimate.load_registry())
+            return flops, device.peak(estimate.precision_of(args).compute_dtype)
+        except (estimate.EstimateError, KeyError, OSError, ValueError):
+            return None, None
+
+    def _observe_step(self, event: dict) -> None:
+        """Add model FLOPs/token and MFU to a step record, and export Ray metrics for the dashboard."""
+        from bi150_ray import estimate
+
+        per_device = event.get("tokens_per_second_per_device")
+        event["model_flops_per_token"] = self._flops_per_token
+        value = estimate.mfu(per_device, self._flops_per_token, self._peak_flops) if per_device and self._flops_per_token else None
+        event["mfu"] = value if value is not None else "unknown"
+        self._set_metric("bi150_ray_global_step", event.get("global_step"))
+        self._set_metric("bi150_ray_loss", event.get("loss"))
+        self._set_metric("bi150_ray_tokens_per_second", event.get("tokens_per_second"))
+        self._set_metric("bi150_ray_mfu", value)
+
+    def _set_metric(self, name: str, value: Any) -> None:
+        if not isinstance(value, (int, float)):
+            return
+        try:
+            from ray.util.metrics import Gauge
+
+            if name not in self._metrics:
+                self._metrics[name] = Gauge(name, description=f"bi150-ray {name}", tag_keys=("run",))
+            self._metrics[name].set(float(value), tags={"run": self.plan.run_name})
+        except Exception:  # noqa: BLE001 - metrics are best effort; the run record is the source of truth
+            pass
 
     # -- talking to people -------------------------------------------------------------------
     def _say(self, text: str) -> None:

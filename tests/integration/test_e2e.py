@@ -38,6 +38,8 @@ def test_demo_job_trains_evaluates_checkpoints_and_gathers(sim_cluster, demo_cfg
     steps = [s["global_step"] for s in rec["steps"]]
     assert steps == list(range(1, 61))
     assert rec["steps"][-1]["loss"] < rec["steps"][0]["loss"] - 1.0
+    # Model FLOPs/token from the model's dims; MFU is "unknown" because no CPU peak is configured.
+    assert rec["steps"][-1]["model_flops_per_token"] > 0 and rec["steps"][-1]["mfu"] == "unknown"
     evals = [e["eval_loss"] for e in result.evals]
     assert [e["global_step"] for e in result.evals] == [20, 40, 60]
     assert evals[-1] < evals[0] - 0.2 and evals[-1] < math.log(3072) - 1.5
