@@ -108,6 +108,38 @@ def _cmd_gather(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_plan(args: argparse.Namespace) -> int:
+    """The job's sample plan, built here exactly as PaddleNLP would (no cache written)."""
+    from bi150_ray import config
+    from bi150_ray.data import plan as data_plan
+    from bi150_ray.plan import make_plan
+
+    plan = make_plan(config.load(args.config, args.runtime, **_runtime_overrides(args)))
+    rank_args = plan.rank_args(0)
+    rt = plan.job.runtime
+    prefixes, targets, plans = data_plan.build(rank_args, plan.degrees.dataset_world_size, rt.eval_iters, rt.test_iters)
+    info = data_plan.summary(prefixes, targets, plans, plan.degrees.dataset_world_size,
+                             int(rank_args.get("per_device_train_batch_size", 8)))
+    info["corpus"] = [data_plan.corpus_fingerprint(p) for p in prefixes if isinstance(p, str)]
+    if args.dump_first:
+        info["dumped"] = data_plan.dump_first(plans, prefixes, args.dump_first, args.out)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for c in info["corpus"]:
+        print(f"corpus {c['prefix']}: {c['documents']:,} documents, {c['tokens']:,} tokens (idx sha256 {c['idx_sha256'][:12]})")
+    print(f"dataset world size {plan.degrees.dataset_world_size}; targets train/valid/test = {targets}")
+    for name, e in info["splits"].items():
+        if e is None:
+            print(f"  {name:5s}: empty")
+            continue
+        extra = f", {e['epochs']} epoch(s), cache {e['cache_hash']}" if "epochs" in e else ""
+        print(f"  {name:5s}: {e['samples']:,} samples (target {e['target']:,}), {e['per_rank_per_pass']:,} per data rank{extra}")
+    for path in info.get("dumped", []):
+        print(f"wrote {path}")
+    return 0
+
+
 def _record_path(path: str) -> str:
     return os.path.join(path, "run_record.json") if os.path.isdir(path) else path
 
@@ -175,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--ixsmi", default="ixsmi")
     n.add_argument("--resource-name", default="BI150")
     n.set_defaults(func=_cmd_node_resources)
+
+    dp = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)
+    pl = dp.add_parser("plan", help="documents, tokens, epochs, samples per split and per rank, hashes")
+    pl.add_argument("config")
+    pl.add_argument("--runtime")
+    pl.add_argument("--nodes", type=int)
+    pl.add_argument("--devices-per-node", type=int)
+    pl.add_argument("--backend", choices=["cpu", "corex", "iluvatar_gpu"])
+    pl.add_argument("--storage")
+    pl.add_argument("--run-name")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--dump-first", type=int, default=0, metavar="K", help="write the first K samples of each split")
+    pl.add_argument("--out", default="data_plan_dump", help="folder for --dump-first")
+    pl.set_defaults(func=_cmd_data_plan)
 
     g = sub.add_parser("gather", help="merge a checkpoint-N (tp/pp shards) into one safetensors model dir")
     g.add_argument("checkpoint", help="a checkpoint-N folder (or output_dir) holding model_state*.pdparams")

@@ -247,6 +247,34 @@ class RankWorker:
             fh.seek(offset)
             return fh.read(size)
 
+    def install_index_cache(self, cache_dir: str, files: dict[str, bytes], corpus: list[dict[str, Any]]) -> int:
+        """Write the job's index-cache files here after checking this node holds the same corpus."""
+        import hashlib
+
+        from bi150_ray.data.plan import corpus_fingerprint
+
+        for expected in corpus:
+            mine = corpus_fingerprint(expected["prefix"])
+            if mine != expected:
+                raise RuntimeError(
+                    f"node {socket.gethostname()}: corpus {expected['prefix']} differs from the one the data plan was "
+                    f"built from ({mine} vs {expected}); copy the same corpus to every node"
+                )
+        os.makedirs(cache_dir, exist_ok=True)
+        written = 0
+        for name, data in files.items():
+            path = os.path.join(cache_dir, name)
+            if os.path.isfile(path) and os.path.getsize(path) == len(data):
+                with open(path, "rb") as fh:
+                    if hashlib.sha256(fh.read()).digest() == hashlib.sha256(data).digest():
+                        continue
+            self.write_bytes(path, data)
+            with open(path, "rb") as fh:  # verify what landed on this node's disk
+                if hashlib.sha256(fh.read()).digest() != hashlib.sha256(data).digest():
+                    raise RuntimeError(f"{path}: content hash differs after writing")
+            written += 1
+        return written
+
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as fh:
             return fh.read()

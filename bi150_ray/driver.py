@@ -95,8 +95,10 @@ class PretrainJob:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
 
+        roots = tuple(sorted({plan.results_dir} | {plan.node_paths(s.node_index).run_dir for s in plan.slots}))
         record = RunRecord.open(
             os.path.join(plan.results_dir, "run_record.json"),
+            allowed_roots=roots,
             run_name=plan.run_name,
             config_source=self.job.source,
             config_hash=self.job.config_hash(),
@@ -198,6 +200,7 @@ class PretrainJob:
                 w.write_file.remote(plan.node_paths(node).args_path, json.dumps(plan.rank_args(node, resume_step), indent=1))
                 for node, w in self._node_workers.items()
             ])
+            record.data_plan = self._ship_data_plan(nodes[bundle_of_node[0]].node_id) or record.data_plan
             self._start_ranks(workers, endpoints, master)
             record.save()
             return self._supervise(workers, record, attempt, final_events)
@@ -320,6 +323,40 @@ class PretrainJob:
         ])
         folder = os.path.join(self.plan.node_paths(0).output_dir, f"checkpoint-{step}")
         record.checkpoints.append({"global_step": step, "checkpoint": folder, "attempt": attempt.number, "nodes": sorted(holders)})
+
+    def _ship_data_plan(self, node0_id: str) -> dict[str, Any] | None:
+        """Build the sample plan once on node 0 and install its index files on every node."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from bi150_ray.data import plan as data_plan
+
+        rt, plan = self.job.runtime, self.plan
+        if rt.shared_storage:
+            return None  # ranks share one cache folder; PaddleNLP's share_folder builds it once
+
+        def build_on_node(args: dict, world: int, eval_iters: int, test_iters: int):
+            prefixes, _, plans = data_plan.build(args, world, eval_iters, test_iters)
+            corpus = [data_plan.corpus_fingerprint(p) for p in prefixes if isinstance(p, str)]
+            return data_plan.cache_files(plans), corpus
+
+        task = ray.remote(num_cpus=0)(build_on_node).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node0_id, soft=False)
+        )
+        t0 = time.time()
+        files, corpus = ray.get(task.remote(plan.rank_args(0), plan.degrees.dataset_world_size, rt.eval_iters, rt.test_iters))
+        if not files:
+            return None  # blends: PaddleNLP builds the blend indices in the ranks
+        files_ref = ray.put(files)
+        written = ray.get([
+            w.install_index_cache.remote(plan.rank_args(n)["data_cache"], files_ref, corpus)
+            for n, w in self._node_workers.items()
+        ])
+        self._say(f"data plan: {len(files)} index files built once in {time.time() - t0:.1f}s, "
+                  f"installed on {len(written)} node(s) ({sum(written)} written, rest already identical)")
+        import hashlib
+
+        return {"files": {n: hashlib.sha256(b).hexdigest() for n, b in sorted(files.items())}, "corpus": corpus}
 
     def _resume_point(self) -> int | None:
         """Newest complete checkpoint across the nodes; copies rank 0's metadata files to the others."""

@@ -7,6 +7,7 @@ from bi150_ray.data.mmap_format import CorpusFormatError
 from bi150_ray.devices import DeviceDetectionError, IxsmiParseError
 from bi150_ray.envcontract import EnvContractError
 from bi150_ray.estimate import EstimateError
+from bi150_ray.runrecord import RecordPathError
 
 
 class GangError(RuntimeError):
@@ -28,4 +29,5 @@ USER_ERRORS = (
     GatherError,
     MergeError,
     EstimateError,
+    RecordPathError,
 )

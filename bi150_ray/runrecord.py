@@ -42,14 +42,23 @@ class RunRecord:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     model_dir: str | None = None
+    data_plan: dict[str, Any] = field(default_factory=dict)  # index-cache file hashes, corpus fingerprints
     _last_write: float = 0.0
 
     @classmethod
-    def open(cls, path: str, **fresh: Any) -> RunRecord:
-        """Continue the record of an earlier run of the same job, or start a new one."""
+    def open(cls, path: str, allowed_roots: tuple[str, ...] = (), **fresh: Any) -> RunRecord:
+        """Continue the record of an earlier run of the same job, or start a new one.
+
+        Paths read back from an old record are checked against `allowed_roots` (the run's
+        storage): a record edited to point elsewhere is refused, never followed.
+        """
         if not os.path.isfile(path):
             return cls(path=path, **fresh)
         old = load(path)
+        for c in old.get("checkpoints", []):
+            check_inside(c.get("checkpoint", ""), allowed_roots, f"{path}: checkpoint path")
+        if old.get("model_dir"):
+            check_inside(old["model_dir"], allowed_roots, f"{path}: model_dir")
         old["attempts"] = [Attempt(**a) for a in old.get("attempts", [])]
         old.update({k: v for k, v in fresh.items() if k in ("config_source", "environment")})
         old["status"] = "running"
@@ -78,6 +87,20 @@ def host_fingerprint() -> dict[str, Any]:
     import ray
 
     return {"ray": ray.__version__, "python": platform.python_version(), "driver_host": platform.node()}
+
+
+class RecordPathError(ValueError):
+    """A path in a run record points outside the run's storage."""
+
+
+def check_inside(path: str, roots: tuple[str, ...], what: str) -> str:
+    """Resolve `path` (symlinks and '..' included) and require it under one of `roots`."""
+    real = os.path.realpath(path)
+    for root in roots:
+        base = os.path.realpath(root)
+        if real == base or real.startswith(base + os.sep):
+            return real
+    raise RecordPathError(f"{what} '{path}' is outside the run's storage ({', '.join(roots)}); refusing to use it")
 
 
 def load(path: str) -> dict[str, Any]:

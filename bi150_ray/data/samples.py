@@ -14,13 +14,15 @@ split target (not the sum of the children's), and the blend's dataset index is i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
-import tempfile
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -67,8 +69,9 @@ BLEND_SAMPLE_FACTOR = 1.005  # get_datasets_weights_and_num_samples: 0.5% head-r
 BLEND_EXTRA_SAMPLES = 20  # ... plus 20 samples per child (paddlenlp 3.x; the 2.7 FORK adds 0)
 SPLIT_NAMES = ("train", "valid", "test")
 
-_DOC_CHUNK = 1 << 21  # doc_idx entries per pass of build_sample_idx (bounds its scratch memory)
+_DOC_CHUNK = 1 << 18  # doc_idx entries per pass of build_sample_idx (reused, cache-sized buffers)
 _BLEND_BLOCK = 256  # steps per block in blend_indices
+_THREAD_MIN = 1 << 20  # doc_idx + samples from which sample_idx and shuffle_idx are built in parallel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,12 +178,14 @@ def _epoch_layout(tokens_per_epoch: int, seq_length: int, num_samples: int) -> t
     return num_epochs, last < int(0.80 * per_epoch), from_prev
 
 
-def _shuffled_tiles(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState, separate: bool) -> np.ndarray:
-    """``_build_doc_idx``: same RNG draws, same permutation.
+def _shuffled_tiles(
+    documents: np.ndarray, num_epochs: int, rng: np.random.RandomState, separate: bool
+) -> np.ndarray:
+    """``_build_doc_idx`` as int64 (the caller narrows it to PaddleNLP's int32): same RNG draws,
+    same permutation.
 
     PaddleNLP tiles through ``np.mgrid`` (two int64 grids) and shuffles int32. RandomState's
-    shuffle draws the same swaps whatever the item size, and its 8-byte path is the fast one,
-    so tile straight into int64, shuffle, then narrow to int32.
+    shuffle draws the same swaps whatever the item size, and its 8-byte path is the fast one.
     """
     n = len(documents)
     doc_idx = np.tile(documents.astype(np.int64), num_epochs)
@@ -189,7 +194,7 @@ def _shuffled_tiles(documents: np.ndarray, num_epochs: int, rng: np.random.Rando
         rng.shuffle(doc_idx[(num_epochs - 1) * n :])
     else:
         rng.shuffle(doc_idx)
-    return doc_idx.astype(np.int32)
+    return doc_idx
 
 
 def build_sample_idx(
@@ -200,43 +205,78 @@ def build_sample_idx(
 
     The C++ walk consumes ``seq_length + 1`` tokens per sample with one token of overlap, so
     sample k starts at flat token position ``k * seq_length`` of the shuffled document stream,
-    and its row names the document holding that token (never an empty one) and the offset in it.
-    Row 0 is always (0, 0). Counting, per document, the sample starts that fall inside it gives
-    the rows in one linear pass, in chunks so the scratch stays small for huge doc_idx.
+    and its row names the document holding that token (never an empty one) and the offset in
+    it. Row 0 is always (0, 0). ``doc_idx`` must hold ``num_epochs * tokens_per_epoch`` tokens,
+    as every doc_idx PaddleNLP builds does.
+    """
+    sizes = np.require(sizes, requirements=["A", "C"])
+    doc_idx = np.asarray(doc_idx)
+    if len(doc_idx) and (int(doc_idx.min()) < 0 or int(doc_idx.max()) >= len(sizes)):
+        raise ValueError(f"doc_idx must index sizes, [0, {len(sizes)})")
+    out = _empty_sample_idx(num_epochs * tokens_per_epoch, seq_length)
+    end = _fill_rows(sizes, doc_idx, seq_length, out, 0, len(doc_idx), 0, forward=True)
+    _check_tokens(end, num_epochs * tokens_per_epoch)
+    return out
+
+
+def _empty_sample_idx(total_tokens: int, seq_length: int) -> np.ndarray:
+    out = np.empty(((total_tokens - 1) // seq_length + 1, 2), dtype=np.int32)
+    out[0] = 0
+    return out
+
+
+def _check_tokens(got: int, expected: int) -> None:
+    if got != expected:
+        raise ValueError(f"doc_idx holds {got} tokens, but num_epochs * tokens_per_epoch is {expected}")
+
+
+def _fill_rows(
+    sizes: np.ndarray,
+    doc_idx: np.ndarray,
+    seq_length: int,
+    out: np.ndarray,
+    lo: int,
+    hi: int,
+    edge: int,
+    *,
+    forward: bool,
+) -> int:
+    """Fill the rows of ``out`` whose sample starts in ``doc_idx[lo:hi]``.
+
+    Forward, ``edge`` is the flat token position where ``doc_idx[lo]`` starts and the result is
+    where ``doc_idx[hi]`` starts; backward, the reverse. Backward lets a second thread fill the
+    tail knowing only the total token count. Chunks are cache-sized and their buffers reused:
+    fresh multi-megabyte temporaries cost more in page faults than the arithmetic.
     """
     L = int(seq_length)
-    total = int(num_epochs) * int(tokens_per_epoch)
-    num_samples = (total - 1) // L
-    out = np.zeros((num_samples + 1, 2), dtype=np.int32)
-    sizes = np.asarray(sizes)
-    shift = L.bit_length() - 1 if L & (L - 1) == 0 else -1
-    base = 0  # flat tokens before this chunk
-    k_done = 0  # sample starts k*L below `base`: ceil(base / L)
-    for lo in range(0, len(doc_idx), _DOC_CHUNK):
-        lens = np.take(sizes, doc_idx[lo : lo + _DOC_CHUNK])
-        ends = np.cumsum(lens, dtype=np.int64)
-        ends += base
-        k_end = ends + (L - 1)  # starts below each document's end: ceil(end / L)
-        if shift >= 0:
-            k_end >>= shift
-        else:
-            k_end //= L
-        k_last = int(k_end[-1])
-        if k_last > k_done:
-            counts = np.empty_like(k_end)
-            counts[0] = k_end[0] - k_done
-            np.subtract(k_end[1:], k_end[:-1], out=counts[1:])
-            local = np.repeat(np.arange(len(lens), dtype=np.int64), counts)
-            offsets = np.arange(k_done, k_last, dtype=np.int64) * L
-            offsets -= ends[local]
-            offsets += lens[local]
-            local += lo
-            skip = 1 if k_done == 0 else 0  # row 0 stays (0, 0), as in the C++ helper
-            out[k_done + skip : k_last, 0] = local[skip:]
-            out[k_done + skip : k_last, 1] = offsets[skip:]
-            k_done = k_last
-        base = int(ends[-1])
-    return out
+    rows = out.shape[0]  # sample starts 0..rows-1; row 0 is fixed at (0, 0)
+    chunk = max(1, min(_DOC_CHUNK, hi - lo))
+    lens = np.empty(chunk, dtype=sizes.dtype)
+    ends = np.empty(chunk, dtype=np.int64)
+    starts = range(lo, hi, chunk) if forward else reversed(range(lo, hi, chunk))
+    for c_lo in starts:
+        m = min(chunk, hi - c_lo)
+        ln, en = lens[:m], ends[:m]
+        np.take(sizes, doc_idx[c_lo : c_lo + m], out=ln, mode="clip")  # "raise" would copy via a temporary
+        np.cumsum(ln, dtype=np.int64, out=en)  # token ends, relative to the chunk start
+        n_tokens = int(en[-1])
+        base = edge if forward else edge - n_tokens
+        edge = base + n_tokens if forward else base
+        k_first = max(1, -(-base // L))
+        k_last = min(rows, -(-(base + n_tokens) // L))  # starts before this chunk's end
+        if k_last <= k_first:
+            continue
+        pos = np.arange(k_first, k_last, dtype=np.int64)
+        pos *= L
+        pos -= base
+        # side="right" passes over empty documents, as the C++ walk does.
+        doc = np.searchsorted(en, pos, side="right")
+        pos -= en[doc]
+        pos += ln[doc]  # offset inside the document
+        doc += c_lo
+        out[k_first:k_last, 0] = doc
+        out[k_first:k_last, 1] = pos
+    return edge
 
 
 def _shuffled_range(num_samples: int, total_size: int, rng: np.random.RandomState) -> np.ndarray:
@@ -282,15 +322,41 @@ def _build(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-    sizes = np.asarray(sizes)
+    # .idx arrays start at byte 34: gathers from an aligned copy are faster (4 bytes per document).
+    sizes = np.require(sizes, requirements=["A", "C"])
     docs = _documents(documents, len(sizes))
     tokens_per_epoch = int(np.sum(sizes[docs], dtype=np.int64))
     num_epochs, separate, from_prev = _epoch_layout(tokens_per_epoch, seq_length, num_samples)
     rng = np.random.RandomState(seed=seed)
-    doc_idx = _shuffled_tiles(docs, num_epochs, rng, separate)
-    sample_idx = build_sample_idx(sizes, doc_idx, seq_length, num_epochs, tokens_per_epoch)
-    total = sample_idx.shape[0] - 1
-    shuffle_idx = _shuffled_range(from_prev if separate else total, total, rng)
+    doc_idx64 = _shuffled_tiles(docs, num_epochs, rng, separate)
+    total_tokens = num_epochs * tokens_per_epoch
+    total = (total_tokens - 1) // seq_length
+    first = total if not separate else from_prev
+    doc_idx = np.empty(len(doc_idx64), dtype=np.int32)
+    sample_idx = _empty_sample_idx(total_tokens, seq_length)
+
+    def front(hi: int) -> int:
+        end = _fill_rows(sizes, doc_idx64, seq_length, sample_idx, 0, hi, 0, forward=True)
+        doc_idx[:hi] = doc_idx64[:hi]
+        return end
+
+    if len(doc_idx64) + total < _THREAD_MIN:
+        _check_tokens(front(len(doc_idx64)), total_tokens)
+        shuffle_idx = _shuffled_range(first, total, rng)
+    else:
+        # After the doc_idx shuffles the rest splits in two: shuffle_idx needs only the RNG state
+        # and the sample count; sample_idx is filled from the front by a worker and from the back
+        # (which starts at the known total) here. RandomState.shuffle and the NumPy kernels drop
+        # the GIL, so the two run side by side.
+        half = len(doc_idx64) // 2
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(front, half)
+            shuffle_idx = _shuffled_range(first, total, rng)
+            middle = _fill_rows(
+                sizes, doc_idx64, seq_length, sample_idx, half, len(doc_idx64), total_tokens, forward=False
+            )
+            doc_idx[half:] = doc_idx64[half:]
+            _check_tokens(future.result(), middle)
     return doc_idx, sample_idx, shuffle_idx, num_epochs, separate
 
 
@@ -299,7 +365,9 @@ def _build(
 # ---------------------------------------------------------------------------------------------
 
 
-def cache_description(prefix: str, name: str, num_samples: int, seq_length: int, seed: int, split: str) -> str:
+def cache_description(
+    prefix: str, name: str, num_samples: int, seq_length: int, seed: int, split: str
+) -> str:
     """The ``.dsc`` text; its md5 names the cache files. ``prefix`` is hashed verbatim, so the
     same corpus under another path string is a different cache."""
     return (
@@ -318,7 +386,13 @@ def cache_hash(desc: str) -> str:
 
 
 def cache_paths(
-    cache_dir: str | os.PathLike[str], prefix: str, name: str, num_samples: int, seq_length: int, seed: int, split: str
+    cache_dir: str | os.PathLike[str],
+    prefix: str,
+    name: str,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    split: str,
 ) -> dict[str, str]:
     """Paths PaddleNLP uses in ``cache_dir``, under its own keys: desc, doc, sample, shuffle."""
     h = cache_hash(cache_description(prefix, name, num_samples, seq_length, seed, split))
@@ -358,26 +432,26 @@ def find_cache(
     return paths, False
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    # PaddleNLP ranks poll for these files and np.load them as soon as they exist; a rename
-    # makes each appear complete. Temp names keep the directory's own suffixes out of sight.
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".partial-", suffix=".tmp")
+def _atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a hidden temporary beside ``path``, then rename: PaddleNLP ranks poll for
+    these files and load them as soon as they exist. Created 0666 so the umask decides, as for
+    the files PaddleNLP writes itself."""
+    d, name = os.path.split(path)
+    while True:
+        tmp = os.path.join(d, f".{name}.{secrets.token_hex(6)}.partial")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -425,7 +499,10 @@ def load_cache(
     if not all(os.path.isfile(p) for p in paths.values()):
         return None
     mode = "r" if mmap else None
-    return tuple(np.load(paths[k], allow_pickle=True, mmap_mode=mode) for k in ("doc", "sample", "shuffle"))  # type: ignore[return-value]
+    doc, sample, shuffle = (
+        np.load(paths[k], allow_pickle=True, mmap_mode=mode) for k in ("doc", "sample", "shuffle")
+    )
+    return doc, sample, shuffle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +528,9 @@ class GPTPlan:
 
     @property
     def desc(self) -> str:
-        return cache_description(self.prefix, self.name, self.num_samples, self.seq_length, self.seed, self.split)
+        return cache_description(
+            self.prefix, self.name, self.num_samples, self.seq_length, self.seed, self.split
+        )
 
     def __len__(self) -> int:
         return self.sample_idx.shape[0] - 1
@@ -503,16 +582,43 @@ def build_split(
     if cache:
         paths, found = find_cache(prefix, name, num_samples, seq_length, seed, splits_string, data_cache_path)
         if found:
-            arrays = tuple(np.load(paths[k], allow_pickle=True, mmap_mode="r") for k in ("doc", "sample", "shuffle"))
+            arrays = tuple(
+                np.load(paths[k], allow_pickle=True, mmap_mode="r") for k in ("doc", "sample", "shuffle")
+            )
             tpe = int(np.sum(sizes[docs], dtype=np.int64))
             num_epochs, separate, _ = _epoch_layout(tpe, seq_length, num_samples)
-            return GPTPlan(name, prefix, splits_string, num_samples, seq_length, seed, *arrays, num_epochs, separate)
-    doc_idx, sample_idx, shuffle_idx, num_epochs, separate = _build(sizes, docs, seq_length, num_samples, seed)
+            return GPTPlan(
+                name, prefix, splits_string, num_samples, seq_length, seed, *arrays, num_epochs, separate
+            )
+    doc_idx, sample_idx, shuffle_idx, num_epochs, separate = _build(
+        sizes, docs, seq_length, num_samples, seed
+    )
     if cache:
-        save_cache(os.path.dirname(paths["desc"]), prefix, name, num_samples, seq_length, seed, splits_string,
-                   doc_idx, sample_idx, shuffle_idx)
-    return GPTPlan(name, prefix, splits_string, num_samples, seq_length, seed, doc_idx, sample_idx, shuffle_idx,
-                   num_epochs, separate)
+        save_cache(
+            os.path.dirname(paths["desc"]),
+            prefix,
+            name,
+            num_samples,
+            seq_length,
+            seed,
+            splits_string,
+            doc_idx,
+            sample_idx,
+            shuffle_idx,
+        )
+    return GPTPlan(
+        name,
+        prefix,
+        splits_string,
+        num_samples,
+        seq_length,
+        seed,
+        doc_idx,
+        sample_idx,
+        shuffle_idx,
+        num_epochs,
+        separate,
+    )
 
 
 def _single_prefix_plans(
@@ -531,8 +637,20 @@ def _single_prefix_plans(
         if bounds[i + 1] <= bounds[i]:
             plans.append(None)  # GPTDataset builds nothing for an empty split; the caller gets None
             continue
-        plans.append(build_split(sizes, prefix, name, range(bounds[i], bounds[i + 1]), splits_string, int(targets[i]),
-                                 seq_length, seed, data_cache_path=data_cache_path, cache=cache))
+        plans.append(
+            build_split(
+                sizes,
+                prefix,
+                name,
+                range(bounds[i], bounds[i + 1]),
+                splits_string,
+                int(targets[i]),
+                seq_length,
+                seed,
+                data_cache_path=data_cache_path,
+                cache=cache,
+            )
+        )
     return plans
 
 
@@ -553,8 +671,15 @@ def build_plan(
     is read. With ``cache`` the index files are looked up and written where PaddleNLP would.
     """
     if len(data_prefix) == 1:
-        plans = _single_prefix_plans(str(data_prefix[0]), splits_string, train_val_test_num_samples, seq_length,
-                                     seed, data_cache_path, cache)
+        plans = _single_prefix_plans(
+            str(data_prefix[0]),
+            splits_string,
+            train_val_test_num_samples,
+            seq_length,
+            seed,
+            data_cache_path,
+            cache,
+        )
         return plans[0], plans[1], plans[2]
 
     prefixes, weights, child_targets = blend_targets(data_prefix, train_val_test_num_samples)
@@ -599,7 +724,10 @@ def blend_targets(
         raise ValueError("blend weights must sum to more than 0")
     weights = [w / weight_sum for w in weights]
     targets = [
-        [int(math.ceil(val * w * BLEND_SAMPLE_FACTOR)) + BLEND_EXTRA_SAMPLES for val in train_val_test_num_samples]
+        [
+            int(math.ceil(val * w * BLEND_SAMPLE_FACTOR)) + BLEND_EXTRA_SAMPLES
+            for val in train_val_test_num_samples
+        ]
         for w in weights
     ]
     return prefixes, weights, targets
@@ -654,8 +782,10 @@ def load_blend_cache(
     if not (os.path.isfile(paths["index"]) and os.path.isfile(paths["sample_index"])):
         return None
     mode = "r" if mmap else None
-    return (np.load(paths["index"], allow_pickle=True, mmap_mode=mode),
-            np.load(paths["sample_index"], allow_pickle=True, mmap_mode=mode))
+    return (
+        np.load(paths["index"], allow_pickle=True, mmap_mode=mode),
+        np.load(paths["sample_index"], allow_pickle=True, mmap_mode=mode),
+    )
 
 
 def _blend(
@@ -720,8 +850,8 @@ def _run_blocks(
     better = np.empty(n_blocks, dtype=bool)
     for i in range(steps):
         np.add(pos, i, out=x)
-        if first and i < 2:
-            x[0] = 1.0  # max(s, 1): steps 0 and 1 both use 1.0
+        if first and i == 0:
+            x[0] = 1.0  # max(s, 1): step 0 uses 1.0, like step 1
         np.multiply(x, weights[0], out=best)
         best -= counts[0]
         d = dec[i]
@@ -776,8 +906,7 @@ def blend_indices(
         stale = np.flatnonzero((start_counts[:, 1:] != ends[:, :-1]).any(axis=0)) + 1
         start_counts[:, stale] = ends[:, stale - 1]
         todo = stale
-    return (dec.T.reshape(-1)[:size].astype(index_dtype),
-            np.ascontiguousarray(taken.T.reshape(-1)[:size]))
+    return (dec.T.reshape(-1)[:size].astype(index_dtype), np.ascontiguousarray(taken.T.reshape(-1)[:size]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,14 +945,23 @@ def get_sample(
 # ---------------------------------------------------------------------------------------------
 
 
-def consumed_samples(global_step: int, per_device_train_batch_size: int, gradient_accumulation_steps: int,
-                     dataset_world_size: int) -> int:
+def consumed_samples(
+    global_step: int,
+    per_device_train_batch_size: int,
+    gradient_accumulation_steps: int,
+    dataset_world_size: int,
+) -> int:
     """Where the trainer restarts the train sampler on resume: ``step * B * G * R``."""
     return global_step * per_device_train_batch_size * gradient_accumulation_steps * dataset_world_size
 
 
-def eval_consumed_samples(global_step: int, eval_steps: int, eval_iters: int, per_device_eval_batch_size: int,
-                          dataset_world_size: int) -> int:
+def eval_consumed_samples(
+    global_step: int,
+    eval_steps: int,
+    eval_iters: int,
+    per_device_eval_batch_size: int,
+    dataset_world_size: int,
+) -> int:
     """Where ``evaluate()`` restarts the eval sampler, so each evaluation reads fresh samples."""
     return (global_step // eval_steps) * eval_iters * per_device_eval_batch_size * dataset_world_size
 
@@ -854,7 +992,9 @@ def rank_batches(
     if batch_size <= 0 or gradient_accumulation_steps <= 0:
         raise ValueError("batch_size and gradient_accumulation_steps must be positive")
     if consumed % dataset_world_size:
-        raise ValueError(f"consumed samples {consumed} are not divisible by the {dataset_world_size} data ranks")
+        raise ValueError(
+            f"consumed samples {consumed} are not divisible by the {dataset_world_size} data ranks"
+        )
     block = batch_size * dataset_world_size
     end = None if dataset_len is None else int(dataset_len / dataset_world_size) * dataset_world_size
     out = []
@@ -892,9 +1032,9 @@ def check_resume(prev: Mapping[str, Any], new: Mapping[str, Any], *, allow_chang
     gb_prev = math.prod(int(prev[k]) for k in _BATCH_KEYS)
     gb_new = math.prod(int(new[k]) for k in _BATCH_KEYS)
     resumed = consumed_samples(step, *(int(new[k]) for k in _BATCH_KEYS))
+    actual = consumed_samples(step, *(int(prev[k]) for k in _BATCH_KEYS))
     problems = []
-    if gb_prev != gb_new:
-        actual = consumed_samples(step, *(int(prev[k]) for k in _BATCH_KEYS))
+    if resumed != actual:  # a changed global batch, unless nothing was read yet
         how = "skip" if resumed > actual else "repeat"
         problems.append(
             f"global batch changed from {gb_prev} to {gb_new} samples (B*G*R): at step {step} the run has read "
@@ -907,8 +1047,13 @@ def check_resume(prev: Mapping[str, Any], new: Mapping[str, Any], *, allow_chang
         )
     for key in _PLAN_KEYS:
         if key in prev and key in new and prev[key] != new[key]:
-            problems.append(f"{key} changed from {prev[key]!r} to {new[key]!r}: the sample plan and its order differ")
+            problems.append(
+                f"{key} changed from {prev[key]!r} to {new[key]!r}: the sample plan and its order differ"
+            )
     if problems and not allow_change:
-        raise ValueError("resume would not continue the same data stream: " + "; ".join(problems)
-                         + " (pass allow_change=True to resume anyway)")
+        raise ValueError(
+            "resume would not continue the same data stream: "
+            + "; ".join(problems)
+            + " (pass allow_change=True to resume anyway)"
+        )
     return resumed

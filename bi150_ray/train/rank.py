@@ -24,6 +24,8 @@ import time
 import traceback
 
 from bi150_ray import events as ev
+from bi150_ray.data.plan import discover_prefixes
+from bi150_ray.data.samples import target_samples
 from bi150_ray.train.phases import Phase
 
 # Same switch upstream run_pretrain.py sets for sharding stage1 overlap.
@@ -46,24 +48,6 @@ def _fault(kind: str, step: int) -> bool:
         and int(want.get("step", -1)) == step
         and int(want.get("attempt", 1)) == int(os.environ.get("BI150_RAY_ATTEMPT", "1"))
     )
-
-
-def get_train_data_file(input_dir: str) -> list:
-    """Prefix discovery exactly as run_pretrain's get_train_data_file."""
-    if len(input_dir.split()) > 1:
-        return input_dir.split()
-    files = [
-        os.path.join(input_dir, f)
-        for f in os.listdir(input_dir)
-        if os.path.isfile(os.path.join(input_dir, f)) and ("_idx.npz" in str(f) or ".idx" in str(f))
-    ]
-    files = [x.replace("_idx.npz", "").replace(".idx", "") for x in files]
-    if len(files) > 1:
-        out: list = []
-        for x in files:
-            out += [1.0, x]
-        return out
-    return files
 
 
 class EventCallback:
@@ -223,21 +207,21 @@ def run(args_path: str, eval_iters: int, test_iters: int, writer: ev.EventWriter
         )
 
     check_data_split(data_args.split, training_args.do_train, training_args.do_eval, training_args.do_predict)
-    R = training_args.dataset_world_size
-    eval_steps = training_args.eval_steps or training_args.logging_steps
-    num_samples = [
-        training_args.per_device_train_batch_size
-        * R
-        * training_args.max_steps
-        * training_args.gradient_accumulation_steps,
-        training_args.per_device_eval_batch_size
-        * R
-        * eval_iters
-        * (training_args.max_steps // eval_steps + 1),
-        training_args.per_device_eval_batch_size * R * test_iters,
-    ]
+    num_samples = target_samples(
+        training_args.per_device_train_batch_size,
+        training_args.per_device_eval_batch_size,
+        training_args.dataset_world_size,
+        training_args.max_steps,
+        training_args.gradient_accumulation_steps,
+        training_args.eval_steps,
+        eval_iters,
+        test_iters,
+        logging_steps=training_args.logging_steps,
+    )
+    # The driver normally put this plan's index files into data_cache already (data/plan.py), so
+    # PaddleNLP finds them instead of building and polling behind world barriers.
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
-        data_prefix=get_train_data_file(data_args.input_dir),
+        data_prefix=discover_prefixes(data_args.input_dir),
         data_impl=data_args.data_impl,
         splits_string=data_args.split,
         train_val_test_num_samples=num_samples,

@@ -71,7 +71,12 @@ def test_demo_job_trains_evaluates_checkpoints_and_gathers(sim_cluster, demo_cfg
     assert manifest["global_step"] == 60
     assert not any(f["file"].endswith((".pdparams", ".pkl", ".bin")) for f in manifest["files"])
     assert compare_to_checkpoint(result.model_dir, os.path.join(ckpt_node0, "checkpoint-60")) == 0.0
-    assert os.path.isfile(os.path.join(result.results_dir, "report.md"))
+    # The report: curves as a PNG, the model's location; VisualDL logs as PaddleNLP writes them.
+    report = open(os.path.join(result.results_dir, "report.md")).read()
+    assert "![curves](curves.png)" in report and result.model_dir in report and "eval loss" in report
+    assert os.path.getsize(os.path.join(result.results_dir, "curves.png")) > 10_000
+    vdl = os.path.join(storage.replace("{node}", "0"), "demo", "visualdl")
+    assert any(f.startswith("vdlrecords") for f in os.listdir(vdl))
 
 
 def test_rerunning_the_same_job_resumes_from_its_last_checkpoint(sim_cluster, demo_cfg):

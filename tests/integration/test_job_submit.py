@@ -40,13 +40,24 @@ def ray_head(tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's unix sockets cap path length
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           "--num-cpus=3", '--resources={"BI150": 2}', f"--temp-dir={temp}", "--disable-usage-stats"]
+           "--num-cpus=3", '--resources={"BI150": 2}', f"--temp-dir={temp}", "--disable-usage-stats",
+           # Every port explicit and free: Ray's fixed defaults (e.g. the agent's 52365) collide
+           # with any other Ray instance on the machine, and the job API then has "no agent".
+           f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+           f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+           f"--ray-client-server-port={_free_port()}"]
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60)
+        # Stop only this head (its processes carry its temp dir in their command lines); `ray stop`
+        # would kill every Ray cluster on the machine.
+        subprocess.run(["pkill", "-TERM", "-f", str(temp)], capture_output=True)
+        deadline = time.time() + 20
+        while subprocess.run(["pgrep", "-f", str(temp)], capture_output=True).returncode == 0 and time.time() < deadline:
+            time.sleep(0.5)
+        subprocess.run(["pkill", "-KILL", "-f", str(temp)], capture_output=True)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -60,11 +71,15 @@ def test_ray_job_submit_runs_the_driver_and_reports_through_the_job_api(ray_head
     Path(cfg_path).write_text(json.dumps(cfg))
 
     t0 = time.time()
-    out = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--no-wait",
-         "--working-dir", str(REPO), "--", "python", "jobs/pretrain.py", "--config", cfg_path],
-        env=ray_head["env"], capture_output=True, text=True, timeout=120, cwd=REPO,
-    )
+    for _ in range(60):  # the head's job agent needs a few seconds after `ray start`
+        out = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--no-wait",
+             "--working-dir", str(REPO), "--", "python", "jobs/pretrain.py", "--config", cfg_path],
+            env=ray_head["env"], capture_output=True, text=True, timeout=120, cwd=REPO,
+        )
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(1)
     assert out.returncode == 0, out.stderr[-3000:]
     job_id = re.search(r"Job '([^']+)' submitted successfully", out.stdout + out.stderr).group(1)
 

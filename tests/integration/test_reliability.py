@@ -72,7 +72,7 @@ def test_sigstop_hang_is_detected_stacks_dumped_and_run_completes(sim_cluster, c
 
 def test_death_while_checkpointing_resumes_from_the_previous_complete_checkpoint(sim_cluster, cfg):
     fault = "kill_before_save_confirm:rank=1:step=20:attempt=1"
-    job = _job(cfg, "ckptkill", env={"BI150_RAY_FAULT": fault})
+    job = _job(cfg, "ckptkill", env={"BI150_RAY_FAULT": fault, "MY_API_TOKEN": "s3cret-value"})
     ck20 = os.path.join(job.plan.node_paths(0).output_dir, "checkpoint-20")
     result = job.run()
     rec = json.load(open(result.run_record))
@@ -84,6 +84,11 @@ def test_death_while_checkpointing_resumes_from_the_previous_complete_checkpoint
     assert [(c["global_step"], c["attempt"]) for c in rec["checkpoints"]] == [(10, 1), (20, 2), (30, 2)]
     assert os.path.isfile(os.path.join(ck20, ".bi150_complete"))  # rewritten and confirmed in attempt 2
     assert rec["status"] == "succeeded"
+    # A secret handed to the ranks is never written to the record or the logs.
+    assert rec["environment"]["env"]["MY_API_TOKEN"] == "***"
+    assert "s3cret-value" not in open(result.run_record).read()
+    for r in (0, 1):
+        assert "s3cret-value" not in open(job.plan.node_paths(0).worker_log(r)).read()
 
 
 def test_repeating_application_error_stops_after_its_budget_with_the_ranks_message(sim_cluster, cfg, tmp_path):
