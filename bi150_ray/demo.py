@@ -91,6 +91,24 @@ def pin_ray_to_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _free_agent_ports() -> dict[str, int]:
+    """Explicit free ports for a node's agents: Ray's fixed defaults (the dashboard agent's
+    52365, ...) collide with any other Ray instance on the same machine."""
+    import socket
+
+    ports = []
+    socks = []
+    for _ in range(4):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    keys = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
+    return dict(zip(keys, ports, strict=True))
+
+
 @contextmanager
 def simulated_cluster(nodes: int, devices_per_node: int, cpus_per_node: int | None = None):
     """A head (no BI150: it runs the driver) plus `nodes` worker nodes with BI150, on 127.0.0.1."""
@@ -101,7 +119,7 @@ def simulated_cluster(nodes: int, devices_per_node: int, cpus_per_node: int | No
     cpus = cpus_per_node or devices_per_node
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, **_free_agent_ports()},
     )
     try:
         for i in range(nodes):
@@ -110,6 +128,7 @@ def simulated_cluster(nodes: int, devices_per_node: int, cpus_per_node: int | No
                 resources={"BI150": devices_per_node},
                 node_ip_address="127.0.0.1",
                 labels={"bi150-ray/simulated-node": str(i)},
+                **_free_agent_ports(),
             )
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()

@@ -22,7 +22,7 @@ from bi150_ray import events as ev
 from bi150_ray.checkpoint import gather, inventory
 from bi150_ray.config import JobConfig
 from bi150_ray.envcontract import RankEnvInput, rank_env, redact
-from bi150_ray.errors import RunFailed
+from bi150_ray.errors import DataPlanError, RunFailed
 from bi150_ray.plan import LaunchPlan, make_plan
 from bi150_ray.runrecord import Attempt, RunRecord, host_fingerprint
 from bi150_ray.train.phases import Phase
@@ -344,7 +344,11 @@ class PretrainJob:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node0_id, soft=False)
         )
         t0 = time.time()
-        files, corpus = ray.get(task.remote(plan.rank_args(0), plan.degrees.dataset_world_size, rt.eval_iters, rt.test_iters))
+        try:
+            files, corpus = ray.get(task.remote(plan.rank_args(0), plan.degrees.dataset_world_size, rt.eval_iters, rt.test_iters))
+        except ray.exceptions.RayTaskError as exc:  # bad data is the user's to fix: say what, not how it broke
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            raise DataPlanError(f"data plan for {self.job.source}: {cause}") from None
         if not files:
             return None  # blends: PaddleNLP builds the blend indices in the ranks
         files_ref = ray.put(files)

@@ -14,6 +14,10 @@ class GangError(RuntimeError):
     """The cluster cannot host the job; the message says what is missing."""
 
 
+class DataPlanError(ValueError):
+    """The job's data cannot be planned (no corpus, bad format, empty split); names the file."""
+
+
 class RunFailed(RuntimeError):
     """The run stopped without finishing; the message has the cause and the last good checkpoint."""
 
@@ -26,6 +30,7 @@ USER_ERRORS = (
     EnvContractError,
     GangError,
     RunFailed,
+    DataPlanError,
     GatherError,
     MergeError,
     EstimateError,

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import re
 import time
 
 import pytest
@@ -12,7 +11,7 @@ from bi150_ray import config
 from bi150_ray.checkpoint.gather import COMPLETE_MARKER, verify_gathered
 from bi150_ray.demo import write_demo_config
 from bi150_ray.driver import PretrainJob
-from bi150_ray.errors import GangError, RunFailed
+from bi150_ray.errors import DataPlanError, GangError
 
 pytestmark = pytest.mark.integration
 
@@ -99,17 +98,15 @@ def test_gang_that_does_not_fit_fails_fast_saying_what_is_missing(sim_cluster, d
     assert "need 3 nodes x 2 BI150" in msg and "cluster has 2 nodes with 2 BI150" in msg
 
 
-def test_rank_error_is_reported_with_the_ranks_own_message(sim_cluster, demo_cfg, tmp_path):
+def test_missing_corpus_is_refused_before_any_rank_starts(sim_cluster, demo_cfg, tmp_path):
     data = json.load(open(demo_cfg))
     data["input_dir"] = str(tmp_path / "empty")  # exists but holds no corpus
     os.makedirs(data["input_dir"])
     data["runtime"]["run_name"] = "broken"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(RunFailed) as e:
-        PretrainJob(config.load(bad)).run()
-    msg = str(e.value)
-    assert "(application)" in msg and re.search(r"rank \d exited with code 1", msg)
-    # The rank's own traceback tail and where to find the whole log.
-    assert "causal_dataset" in msg or "input_dir" in msg or "idx" in msg
-    assert re.search(r"last lines of \S+/logs/workerlog\.\d", msg)
+    job = PretrainJob(config.load(bad))
+    with pytest.raises(DataPlanError) as e:
+        job.run()
+    assert "empty: no corpus" in str(e.value) and str(bad) in str(e.value)
+    assert not os.path.exists(job.plan.node_paths(0).worker_log(0))  # no rank was started
