@@ -322,7 +322,13 @@ class PretrainJob:
             for n in sorted(holders)
         ])
         folder = os.path.join(self.plan.node_paths(0).output_dir, f"checkpoint-{step}")
-        record.checkpoints.append({"global_step": step, "checkpoint": folder, "attempt": attempt.number, "nodes": sorted(holders)})
+        name = f"checkpoint-{step}"
+        listings = ray.get([
+            self._node_workers[n].list_files.remote(os.path.join(self.plan.node_paths(n).output_dir, name)) for n in sorted(holders)
+        ])
+        manifest = {str(n): files for n, files in zip(sorted(holders), listings, strict=True)}  # node -> {file: bytes}
+        record.checkpoints.append({"global_step": step, "checkpoint": folder, "attempt": attempt.number,
+                                   "nodes": sorted(holders), "manifest": manifest})
 
     def _ship_data_plan(self, node0_id: str) -> dict[str, Any] | None:
         """Build the sample plan once on node 0 and install its index files on every node."""

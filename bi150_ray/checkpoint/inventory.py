@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+from bi150_ray.checkpoint.merge import shard_file_name
 from bi150_ray.topology import Degrees
 
 COMPLETE_MARKER = ".bi150_complete"  # written on every node once all ranks confirmed the save
@@ -38,7 +39,7 @@ def expected_shards(degrees: Degrees) -> dict[str, int]:
         if degrees.sharding > 1:
             opt_parts.append(f"shard{c['sharding']:02d}")
         if c["dp"] == 0 and c["sharding"] == 0:
-            out[f"model_state{_suffix(model_parts)}.pdparams"] = rank
+            out[shard_file_name(c["mp"], c["pp"], degrees.tp, degrees.pp)] = rank
         if c["dp"] == 0:
             out[f"optimizer{_suffix(opt_parts)}.pdopt"] = rank
     return out

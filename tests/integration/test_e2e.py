@@ -63,6 +63,8 @@ def test_demo_job_trains_evaluates_checkpoints_and_gathers(sim_cluster, demo_cfg
     ck60 = set(os.listdir(os.path.join(ckpt_node0, "checkpoint-60")))
     assert {"model_state.pdparams", "optimizer.shard00.pdopt", "optimizer.shard01.pdopt", ".bi150_complete"} <= ck60
     assert [c["global_step"] for c in rec["checkpoints"]] == [20, 40, 60]
+    manifest60 = rec["checkpoints"][-1]["manifest"]["0"]  # node 0's files of checkpoint-60, with sizes
+    assert manifest60["model_state.pdparams"] > 0 and "optimizer.shard01.pdopt" in manifest60
 
     # One gathered model: complete, checksummed, loads, and equals the final checkpoint exactly.
     assert os.path.isfile(os.path.join(result.model_dir, COMPLETE_MARKER))
