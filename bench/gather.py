@@ -51,8 +51,7 @@ def main() -> int:
         num_attention_heads=16, num_key_value_heads=16, vocab_size=a.vocab,
     )
     t0 = time.time()
-    model = sf.build_model(cfg)
-    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    model, state = sf.build_model(cfg)
     del model
     sf.save_checkpoint(state, cfg, ckpt, tp=2, pp=2)
     del state
