@@ -96,6 +96,13 @@ def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    # Ray starts worker processes at nice 15 (RAY_worker_niceness); a rank inherits it and loses
+    # CPU to anything else on the node (measured by bench/launch_overhead.py). spawn_workers asks
+    # Ray for nice-0 actors; this covers a worker that was started niced anyway (root only).
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        pass
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
@@ -287,7 +294,11 @@ def spawn_workers(pg: PlacementGroup, bundle_index_per_rank: list[int], resource
         strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
         workers.append(
             RankWorker.options(
-                num_cpus=cpus_per_rank, resources={resource: 1}, scheduling_strategy=strategy
+                num_cpus=cpus_per_rank,
+                resources={resource: 1},
+                scheduling_strategy=strategy,
+                # Ray starts workers at nice 15 and ranks would inherit it (see _die_with_parent).
+                runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
             ).remote()
         )
     return workers

@@ -251,6 +251,12 @@ class PretrainJob:
                     for event in poll["events"]:
                         self._on_event(rank, state, event, record, attempt, final_events, bar, now)
                     state.returncode = poll["returncode"]
+                # A rank that reported `done` has saved everything; a crash in native teardown after
+                # that (seen: SIGABRT at exit, under launch too) must not re-run a finished job.
+                for r in range(len(states)):
+                    if states[r].returncode not in (None, 0) and r in final_events:
+                        self._say(f"rank {r} exited with {states[r].returncode} after reporting done; counted as finished")
+                        states[r].returncode = 0
                 failed = [r for r, s in enumerate(states) if s.returncode not in (None, 0)]
                 if failed:
                     return self._rank_failure(workers, states, failed)
