@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bi150_ray.data.mmap_format import MMapCorpus, MMapWriter, best_dtype
+from bi150_ray.hashing import sha256_file
 
 if TYPE_CHECKING:
     import sentencepiece as spm
@@ -281,12 +282,6 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _text_hash(docs: Sequence[str]) -> str:
@@ -304,7 +299,7 @@ def _reusable(root: Path, params: dict[str, object]) -> DemoAssets | None:
         if stamp.get("params") != params:
             return None
         for rel, digest in stamp["files"].items():
-            if _sha256(root / rel) != digest:
+            if sha256_file(root / rel) != digest:
                 return None
         data_dir = root / "data"
         # run_pretrain takes every *.idx in input_dir as a dataset: there must be only ours.
@@ -381,7 +376,7 @@ def build_demo_assets(
             "n_docs": n_docs,
             "n_tokens": n_tokens,
             "build_seconds": round(time.perf_counter() - t0, 3),
-            "files": {str(p.relative_to(root)): _sha256(p) for p in files},
+            "files": {str(p.relative_to(root)): sha256_file(p) for p in files},
         }
         _write_json(root / STAMP_FILE, stamp)  # written last: its presence means "complete"
         return DemoAssets(

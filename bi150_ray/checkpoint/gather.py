@@ -11,10 +11,11 @@ finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
+
+from bi150_ray.hashing import sha256_file
 
 COMPLETE_MARKER = ".bi150_complete"
 MANIFEST = "bi150_manifest.json"
@@ -77,10 +78,6 @@ def verify_gathered(out_dir: str) -> dict[str, Any]:
         manifest = json.load(fh)
     for entry in manifest["files"]:
         path = os.path.join(out_dir, entry["file"])
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise GatherError(f"{path}: sha256 does not match the manifest")
     return manifest

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bi150_ray.checkpoint.gather import COMPLETE_MARKER, INDEX, MANIFEST, SIDE_FILES
+from bi150_ray.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -394,12 +395,6 @@ def _to_safetensors(value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -482,7 +477,7 @@ def write_model_dir(
         entries = []
         for name in sorted(list(files.values()) + list(small)):
             path = os.path.join(tmp, name)
-            entries.append({"file": name, "size": os.path.getsize(path), "sha256": _sha256(path)})
+            entries.append({"file": name, "size": os.path.getsize(path), "sha256": sha256_file(path)})
         manifest = {"created": time.time(), "files": entries, **(provenance or {})}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
