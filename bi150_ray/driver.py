@@ -424,7 +424,11 @@ class PretrainJob:
             path = os.path.join(self.plan.node_paths(slot.node_index).log_dir, f"stacks.{slot.rank}.attempt{attempt.number}.txt")
             dumps.append(worker.dump_stacks.remote(path))
         files = ray.get(dumps, timeout=120)
-        silent = [r for r in hung if time.time() - states[r].last_seen > 3 * self.job.runtime.heartbeat_s]
+        # Any running rank without even a heartbeat is the likely culprit, whether or not its own
+        # step timer has run out yet (the ranks blocked on it usually trip first).
+        silent = [r for r, st in enumerate(states)
+                  if st.returncode is None and time.time() - st.last_seen > 3 * self.job.runtime.heartbeat_s]
+        hung = sorted(set(hung) | set(silent))
         attempt.hang = {
             "ranks": hung,
             "silent_ranks": silent,  # no heartbeat either: the process itself is stuck or frozen
