@@ -77,12 +77,14 @@ def cache_files(plans) -> dict[str, bytes]:
     for plan in plans:
         if plan is None or not isinstance(plan, samples.GPTPlan):
             continue
-        h = samples.cache_hash(plan.desc)
-        out[f"{h}.dsc"] = plan.desc.encode()
-        for key in ("doc_idx", "sample_idx", "shuffle_idx"):
+        # File names from samples.cache_paths: the one place PaddleNLP's cache naming lives.
+        names = {k: os.path.basename(v) for k, v in samples.cache_paths(
+            "", plan.prefix, plan.name, plan.num_samples, plan.seq_length, plan.seed, plan.split).items()}
+        out[names["desc"]] = plan.desc.encode()
+        for key, array in (("doc", plan.doc_idx), ("sample", plan.sample_idx), ("shuffle", plan.shuffle_idx)):
             buf = io.BytesIO()
-            np.save(buf, getattr(plan, key), allow_pickle=True)
-            out[f"{h}_{key}.npy"] = buf.getvalue()
+            np.save(buf, array, allow_pickle=True)
+            out[names[key]] = buf.getvalue()
     return out
 
 
