@@ -285,7 +285,9 @@ class PretrainJob:
                 record.environment.update({k: event[k] for k in ("paddle", "paddlenlp") if k in event})
         elif kind == ev.HEARTBEAT:
             state.phase = Phase(event.get("phase", state.phase.value))
-        elif kind == ev.STEP and rank == 0:
+        elif kind == ev.STEP:
+            self._observe_memory(rank, event, record)
+        if kind == ev.STEP and rank == 0:
             self._observe_step(event)
             record.steps.append({k: v for k, v in event.items() if k not in ("kind", "rank")})
             if bar is not None and not bar.disable:
@@ -334,7 +336,9 @@ class PretrainJob:
         ])
         manifest = {str(n): files for n, files in zip(sorted(holders), listings, strict=True)}  # node -> {file: bytes}
         record.checkpoints.append({"global_step": step, "checkpoint": folder, "attempt": attempt.number,
-                                   "nodes": sorted(holders), "manifest": manifest})
+                                   "nodes": sorted(holders), "manifest": manifest,
+                                   # node -> its checkpoint folder: where `bi150-ray gather RUN --step N` looks
+                                   "folders": {str(n): os.path.join(self.plan.node_paths(n).output_dir, name) for n in sorted(holders)}})
 
     def _ship_data_plan(self, node0_id: str) -> dict[str, Any] | None:
         """Build the sample plan once on node 0 and install its index files on every node."""
@@ -349,7 +353,7 @@ class PretrainJob:
 
         def build_on_node(args: dict, world: int, eval_iters: int, test_iters: int):
             prefixes, _, plans = data_plan.build(args, world, eval_iters, test_iters)
-            corpus = [data_plan.corpus_fingerprint(p) for p in prefixes if isinstance(p, str)]
+            corpus = [data_plan.corpus_fingerprint(p) for p in data_plan.corpus_prefixes(prefixes)]
             return data_plan.cache_files(plans), corpus
 
         task = ray.remote(num_cpus=0)(build_on_node).options(
@@ -467,12 +471,9 @@ class PretrainJob:
     def _gather(self, record: RunRecord) -> str:
         """The final model (PaddleNLP's save_model in output_dir), from wherever its shards are,
         merged into one loadable directory."""
-        import shutil
-
         import ray
 
         from bi150_ray import cluster
-        from bi150_ray.checkpoint.merge import merge_checkpoint
 
         plan = self.plan
         out_dir = os.path.join(plan.results_dir, "model")
@@ -481,18 +482,18 @@ class PretrainJob:
             "degrees": dataclasses.asdict(plan.degrees),
             "run_name": plan.run_name,
         }
+        rank0_node = plan.slots[0].node_index
         if self.job.runtime.shared_storage:
-            return merge_checkpoint(plan.node_paths(0).output_dir, out_dir, plan.degrees.tp, plan.degrees.pp, provenance=provenance)
+            provenance["source"] = plan.node_paths(rank0_node).output_dir
+            sources = {rank0_node: (None, plan.node_paths(rank0_node).output_dir)}
+            return gather.gather_model(sources, rank0_node, out_dir, plan.degrees.tp, plan.degrees.pp, provenance)
         nodes = record.attempts[-1].nodes
         actors = cluster.file_actors([n["node_id"] for n in nodes])
-        staging = os.path.join(plan.results_dir, f".staging-{os.getpid()}")
         try:
             sources = {n["node_index"]: (a, plan.node_paths(n["node_index"]).output_dir) for n, a in zip(nodes, actors, strict=True)}
-            gather.stage_from_nodes(sources, rank0_node=plan.slots[0].node_index, staging=staging)
             provenance["source"] = {n["node_index"]: f"{n['ip']}:{plan.node_paths(n['node_index']).output_dir}" for n in nodes}
-            return merge_checkpoint(staging, out_dir, plan.degrees.tp, plan.degrees.pp, provenance=provenance)
+            return gather.gather_model(sources, rank0_node, out_dir, plan.degrees.tp, plan.degrees.pp, provenance)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
             for a in actors:
                 ray.kill(a)
 
@@ -527,6 +528,16 @@ class PretrainJob:
         self._set_metric("bi150_ray_loss", event.get("loss"))
         self._set_metric("bi150_ray_tokens_per_second", event.get("tokens_per_second"))
         self._set_metric("bi150_ray_mfu", value)
+
+    def _observe_memory(self, rank: int, event: dict, record: RunRecord) -> None:
+        """Keep each rank's peak memory (device where the backend reports it, host RSS always)."""
+        peak = record.peak_memory.setdefault(str(rank), {})
+        for key in ("device_max_memory_allocated_bytes", "host_peak_rss_bytes"):
+            if isinstance(event.get(key), int):
+                peak[key] = max(peak.get(key, 0), event[key])
+        if rank == 0:
+            self._set_metric("bi150_ray_device_memory_allocated_bytes", event.get("device_memory_allocated_bytes"))
+            self._set_metric("bi150_ray_host_rss_bytes", event.get("host_rss_bytes"))
 
     def _set_metric(self, name: str, value: Any) -> None:
         if not isinstance(value, (int, float)):

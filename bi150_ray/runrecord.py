@@ -43,6 +43,7 @@ class RunRecord:
     final: dict[str, Any] = field(default_factory=dict)
     model_dir: str | None = None
     data_plan: dict[str, Any] = field(default_factory=dict)  # index-cache file hashes, corpus fingerprints
+    peak_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # rank -> peak bytes the backend reported
     _last_write: float = 0.0
 
     @classmethod

@@ -38,6 +38,31 @@ HEARTBEAT_ENV = "BI150_RAY_HEARTBEAT_S"
 FAULT_ENV = "BI150_RAY_FAULT"
 
 
+def memory_stats() -> dict[str, int | str]:
+    """Memory as the backend reports it, for the step events (the run record and the report).
+
+    On an accelerator (CoreX Paddle exposes the BI150 through the CUDA device API) the device
+    allocator's current and peak bytes; on CPU there is no device memory, so only this process's
+    resident set (current, from /proc, and peak, from getrusage) is reported.
+    """
+    import resource
+
+    import paddle
+
+    stats: dict[str, int | str] = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        with open("/proc/self/statm") as fh:
+            stats["host_rss_bytes"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        stats["device_memory_allocated_bytes"] = int(paddle.device.cuda.memory_allocated())
+        stats["device_max_memory_allocated_bytes"] = int(paddle.device.cuda.max_memory_allocated())
+    else:
+        stats["device_memory_allocated_bytes"] = "not reported by the cpu backend"
+    return stats
+
+
 def _fault(kind: str, step: int) -> bool:
     spec = os.environ.get(FAULT_ENV, "")
     if not spec.startswith(kind + ":"):
@@ -86,6 +111,7 @@ class EventCallback:
             logs["tokens_per_second"] = tokens_per_s
             logs["tokens_per_second_per_device"] = tokens_per_s / max(self.world_size, 1)
             logs["global_step"] = state.global_step
+            logs.update(memory_stats())
             self.writer.emit(ev.STEP, **logs)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -78,6 +78,80 @@ def test_demo_job_trains_evaluates_checkpoints_and_gathers(sim_cluster, demo_cfg
     assert os.path.getsize(os.path.join(result.results_dir, "curves.png")) > 10_000
     vdl = os.path.join(storage.replace("{node}", "0"), "demo", "visualdl")
     assert any(f.startswith("vdlrecords") for f in os.listdir(vdl))
+    # Memory as the backend reports it: CPU has no device allocator, so host RSS for every rank.
+    assert sorted(rec["peak_memory"]) == ["0", "1", "2", "3"]
+    assert all(p["host_peak_rss_bytes"] > 100 * 2**20 for p in rec["peak_memory"].values())
+    assert "peak host RSS per rank" in report and "not reported by this backend" in report
+    # The Ray dashboard's Prometheus endpoint shows the same figures as the run record.
+    exported = _scrape_ray_metrics({"ray_bi150_ray_global_step", "ray_bi150_ray_loss", "ray_bi150_ray_host_rss_bytes"})
+    assert exported["ray_bi150_ray_global_step"] == 60
+    assert exported["ray_bi150_ray_loss"] == pytest.approx(rec["steps"][-1]["loss"])
+
+
+def _scrape_ray_metrics(names: set[str], timeout_s: float = 60.0) -> dict[str, float]:
+    """Read our gauges from every node's metrics export port (Ray reports every ~10 s)."""
+    import urllib.request
+
+    import ray
+
+    found: dict[str, float] = {}
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and set(found) != names:
+        for node in ray.nodes():
+            url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+            for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+                name = line.split("{", 1)[0]
+                if name in names and 'run="demo"' in line:
+                    found[name] = float(line.rsplit(" ", 1)[1])
+        time.sleep(2)
+    assert set(found) == names, f"Ray metrics missing after {timeout_s}s: {sorted(names - set(found))}"
+    return found
+
+
+def test_cli_gathers_an_earlier_checkpoint_of_the_run_through_ray(sim_cluster, demo_cfg, tmp_path):
+    """`bi150-ray gather RUN --step 40 --address`: node-local checkpoint fetched via Ray, equal to the shard."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import paddle
+    from safetensors.numpy import load_file
+
+    from bi150_ray import cli
+    from bi150_ray.checkpoint import fromrun
+    from bi150_ray.checkpoint.gather import GatherError
+    from bi150_ray.plan import make_plan
+
+    job = config.load(demo_cfg)
+    results = make_plan(job).results_dir
+    out = tmp_path / "model-40"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bi150_ray.cli", "gather", results, "--out", str(out), "--step", "40",
+         "--address", sim_cluster.address],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint-40 -> {out}" in proc.stdout
+    manifest = verify_gathered(str(out))
+    assert manifest["global_step"] == 40 and manifest["degrees"]["sharding"] == 2
+    original = paddle.load(
+        os.path.join(job.runtime.storage_path.replace("{node}", "0"), "demo", "checkpoints", "checkpoint-40", "model_state.pdparams"),
+        return_numpy=True,
+    )
+    original.pop("StructuredToParameterName@@", None)
+    merged: dict = {}
+    for f in os.listdir(out):
+        if f.endswith(".safetensors"):
+            merged.update(load_file(str(out / f)))
+    assert sorted(merged) == sorted(original)
+    assert all(np.array_equal(merged[k], original[k]) for k in original)
+    final = load_file(os.path.join(results, "model", "model-00001-of-00001.safetensors"))
+    assert not np.array_equal(final["llama.norm.weight"], merged["llama.norm.weight"])  # really step 40, not 60
+    # checkpoint-20 was confirmed, then removed by save_total_limit=2; 7 never existed.
+    with pytest.raises(GatherError, match=r"checkpoint-20 cannot be gathered through Ray.*no longer in node 0"):
+        fromrun.gather_run(results, str(tmp_path / "m20"), step=20, address=sim_cluster.address)
+    assert cli.main(["gather", results, "--out", str(tmp_path / "m7"), "--step", "7"]) == 2
+    assert not (tmp_path / "m20").exists() and not (tmp_path / "m7").exists()
 
 
 def test_rerunning_the_same_job_resumes_from_its_last_checkpoint(sim_cluster, demo_cfg):
