@@ -120,7 +120,7 @@ def _cmd_data_plan(args: argparse.Namespace) -> int:
     prefixes, targets, plans = data_plan.build(rank_args, plan.degrees.dataset_world_size, rt.eval_iters, rt.test_iters)
     info = data_plan.summary(prefixes, targets, plans, plan.degrees.dataset_world_size,
                              int(rank_args.get("per_device_train_batch_size", 8)))
-    info["corpus"] = [data_plan.corpus_fingerprint(p) for p in prefixes if isinstance(p, str)]
+    info["corpus"] = [data_plan.corpus_fingerprint(p) for p in data_plan.corpus_prefixes(prefixes)]
     if args.dump_first:
         info["dumped"] = data_plan.dump_first(plans, prefixes, args.dump_first, args.out)
     if args.json:

@@ -1,4 +1,6 @@
-"""Megatron/PaddleNLP ``MMIDIDX`` v1 corpus: ``<prefix>.bin`` (tokens) + ``<prefix>.idx`` (index).
+"""Megatron/PaddleNLP ``MMIDIDX`` v1 corpus: ``<prefix>.bin`` (tokens) + ``<prefix>.idx`` (index),
+and the older ``<prefix>_ids.npy`` + ``<prefix>_idx.npz`` one (``NpyCorpus``), opened with
+PaddleNLP's precedence by ``open_corpus``.
 
 Byte-compatible with ``paddlenlp.data.indexed_dataset.MMapIndexedDataset`` so PaddleNLP's
 ``run_pretrain`` can read what we write and we can read what its ``create_pretraining_data``
@@ -30,8 +32,11 @@ __all__ = [
     "CorpusFormatError",
     "MMapCorpus",
     "MMapWriter",
+    "NpyCorpus",
     "best_dtype",
     "dtype_code",
+    "open_corpus",
+    "write_npy_corpus",
 ]
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -316,6 +321,16 @@ class MMapCorpus:
                     )
                 offset += int(nbytes.sum())
 
+    @property
+    def files(self) -> tuple[Path, Path]:
+        """(index file, token file)."""
+        return self.idx_path, self.bin_path
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All token ids, memory-mapped (read-only)."""
+        return np.frombuffer(self._bin_map, dtype=self.dtype.newbyteorder("<"))
+
     def __len__(self) -> int:
         return len(self.sizes)
 
@@ -363,3 +378,168 @@ class MMapCorpus:
 
     def __repr__(self) -> str:
         return f"MMapCorpus({self.prefix!r}, dtype={self.dtype}, sequences={len(self)}, docs={self.n_docs})"
+
+
+class NpyCorpus:
+    """The older corpus: ``<prefix>_ids.npy`` (all token ids, one 1-D array) and
+    ``<prefix>_idx.npz`` (``lens`` tokens per sequence, ``docs`` the doc index; ``sents`` is
+    written by the old tool but never read). PaddleNLP's ``CompatibleIndexedDataset``.
+
+    Same interface as ``MMapCorpus``: the token array stays memory-mapped (read-only views);
+    only ``lens`` (4 bytes a sequence) and its cumulative sum are in RAM, as in PaddleNLP.
+    ``lens`` must be int32: PaddleNLP's index build asserts it, so anything else would fail
+    later inside every rank.
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str], *, verify_pointers: bool = True) -> None:
+        self.prefix = os.fspath(prefix)
+        self._verify = verify_pointers  # kept for pickling symmetry; pointers are derived here
+        self.ids_path, self.npz_path = Path(self.prefix + "_ids.npy"), Path(self.prefix + "_idx.npz")
+        for path in (self.npz_path, self.ids_path):
+            if not path.is_file():
+                raise CorpusFormatError(
+                    f"{path}: missing (an old-format corpus needs both {self.prefix}_ids.npy and _idx.npz)"
+                )
+        self._open()
+
+    @property
+    def files(self) -> tuple[Path, Path]:
+        """(index file, token file)."""
+        return self.npz_path, self.ids_path
+
+    def _open(self) -> None:
+        ids_path, npz = self.ids_path, self.npz_path
+        try:
+            ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            if "mmap length" in str(exc) or "cannot mmap an empty" in str(exc):
+                try:  # an empty array cannot be mapped; anything else that fails to map is cut short
+                    ids = np.load(ids_path, allow_pickle=False)
+                except Exception:
+                    raise CorpusFormatError(f"{ids_path}: truncated .npy (shorter than its header says)") from None
+            else:
+                raise CorpusFormatError(f"{ids_path}: not a NumPy .npy token array ({exc})") from None
+        except (OSError, EOFError) as exc:
+            raise CorpusFormatError(f"{ids_path}: not a NumPy .npy token array ({exc})") from None
+        if ids.ndim != 1:
+            raise CorpusFormatError(f"{ids_path}: token array has shape {ids.shape}, expected 1-D")
+        if ids.dtype.kind not in "iu":
+            raise CorpusFormatError(f"{ids_path}: token dtype {ids.dtype} is not an integer type")
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                missing = [k for k in ("lens", "docs") if k not in z.files]
+                if missing:
+                    raise CorpusFormatError(f"{npz}: lacks {missing} (has {sorted(z.files)})")
+                lens, docs = z["lens"], z["docs"]
+        except CorpusFormatError:
+            raise
+        except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError, EOFError: all "corrupt"
+            raise CorpusFormatError(f"{npz}: not a readable .npz index ({type(exc).__name__}: {exc})") from None
+        if lens.ndim != 1 or lens.dtype != np.int32:
+            raise CorpusFormatError(
+                f"{npz}: 'lens' must be a 1-D int32 array (PaddleNLP asserts int32), got {lens.dtype} {lens.shape}"
+            )
+        if docs.ndim != 1 or docs.dtype.kind not in "iu" or docs.size < 1:
+            raise CorpusFormatError(f"{npz}: 'docs' must be a non-empty 1-D integer array, got {docs.dtype} {docs.shape}")
+        n = len(lens)
+        if int(docs[0]) != 0 or int(docs[-1]) != n:
+            raise CorpusFormatError(f"{npz}: docs must run from 0 to len(lens)={n}, got {int(docs[0])}..{int(docs[-1])}")
+        if len(docs) > 1 and np.any(np.diff(docs) < 0):
+            raise CorpusFormatError(f"{npz}: docs is not non-decreasing")
+        if n and int(lens.min()) < 0:
+            raise CorpusFormatError(f"{npz}: negative sequence length at {int(np.argmin(lens))}")
+        self.sizes = lens
+        self.doc_idx = docs.astype(np.int64, copy=False)
+        self.pointers = np.zeros(n + 1, dtype=np.int64)  # in tokens, as PaddleNLP derives them
+        np.cumsum(lens, out=self.pointers[1:])
+        total = int(self.pointers[-1])
+        if total != len(ids):
+            raise CorpusFormatError(
+                f"{ids_path}: holds {len(ids)} tokens but {npz} 'lens' sum to {total}"
+            )
+        self._ids = ids
+        self.dtype = ids.dtype
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_idx) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.pointers[-1])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All token ids, memory-mapped."""
+        return self._ids
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset+length)`` of sequence ``i`` (a view into the memory map)."""
+        n = len(self.sizes)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for corpus of {n}")
+        i %= n
+        size = int(self.sizes[i])
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(
+                f"slice [{offset}, {offset}+{length}) out of range for sequence {i} of {size} tokens"
+            )
+        start = int(self.pointers[i]) + offset
+        return self._ids[start : start + length]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def document(self, j: int) -> list[np.ndarray]:
+        lo, hi = int(self.doc_idx[j]), int(self.doc_idx[j + 1])
+        return [self.get(i) for i in range(lo, hi)]
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"prefix": self.prefix, "verify": self._verify}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["prefix"], verify_pointers=bool(state["verify"]))  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"NpyCorpus({self.prefix!r}, dtype={self.dtype}, sequences={len(self)}, docs={self.n_docs})"
+
+
+Corpus = MMapCorpus | NpyCorpus
+
+
+def open_corpus(prefix: str | os.PathLike[str], *, verify_pointers: bool = True) -> Corpus:
+    """The corpus at ``prefix`` with PaddleNLP's precedence (``indexed_dataset.make_dataset``):
+    the old ``_ids.npy`` + ``_idx.npz`` pair wins whenever both are files, even next to a
+    ``.bin``/``.idx`` pair; otherwise ``.bin``/``.idx``. Errors name the missing file."""
+    p = os.fspath(prefix)
+    old = [Path(p + "_ids.npy"), Path(p + "_idx.npz")]
+    new = [Path(p + ".bin"), Path(p + ".idx")]
+    if all(f.is_file() for f in old):
+        return NpyCorpus(p, verify_pointers=verify_pointers)
+    if any(f.exists() for f in new) or not any(f.exists() for f in old):
+        if not any(f.exists() for f in new):
+            raise CorpusFormatError(
+                f"{p}: no corpus (expected {p}.bin + {p}.idx, or {p}_ids.npy + {p}_idx.npz)"
+            )
+        return MMapCorpus(p, verify_pointers=verify_pointers)
+    return NpyCorpus(p, verify_pointers=verify_pointers)  # names whichever old file is missing
+
+
+def write_npy_corpus(
+    prefix: str | os.PathLike[str], documents: Sequence[Sequence[int] | np.ndarray], dtype: npt.DTypeLike = np.uint16
+) -> None:
+    """Write the older format as its tool did (``np.save`` ids, ``np.savez`` lens/sents/docs,
+    one sequence per document). For tests and conversions; it holds the corpus in RAM."""
+    p = os.fspath(prefix)
+    arrays = [np.asarray(d, dtype=dtype).reshape(-1) for d in documents]
+    lens = np.array([len(a) for a in arrays], dtype=np.int32)
+    sents = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=sents[1:])
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    np.save(p + "_ids.npy", ids.astype(dtype, copy=False))
+    np.savez(p + "_idx.npz", lens=lens, sents=sents, docs=np.arange(len(lens) + 1, dtype=np.int64))

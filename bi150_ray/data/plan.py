@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bi150_ray.data import samples
-from bi150_ray.data.mmap_format import MMapCorpus
+from bi150_ray.data.mmap_format import open_corpus
 
 
 def discover_prefixes(input_dir: str) -> list:
@@ -38,6 +38,14 @@ def discover_prefixes(input_dir: str) -> list:
             out += [1.0, x]
         return out
     return files
+
+
+def corpus_prefixes(prefixes: list) -> list[str]:
+    """The corpus paths of a data_prefix list: ``[p]``, or every second entry of a blend
+    (``w1 p1 w2 p2``; blend entries are strings too when they come from the input_dir text)."""
+    if len(prefixes) == 1:
+        return [str(prefixes[0])]
+    return [str(p).strip() for p in prefixes[1::2]]
 
 
 def targets_for(args: Mapping[str, Any], dataset_world_size: int, eval_iters: int, test_iters: int) -> list[int]:
@@ -89,24 +97,25 @@ def cache_files(plans) -> dict[str, bytes]:
 
 
 def corpus_fingerprint(prefix: str) -> dict[str, Any]:
-    """Cheap identity of a corpus on a node: .idx hash, .bin size and the hash of its ends."""
-    corpus = MMapCorpus(prefix)  # validates the format, names the file on error
-    with open(prefix + ".idx", "rb") as fh:
+    """Cheap identity of a corpus on a node: index-file hash, token-file size and the hash of
+    its ends. Either format (``.idx``/``.bin`` or ``_idx.npz``/``_ids.npy``)."""
+    corpus = open_corpus(prefix)  # validates the format, names the file on error
+    index_path, token_path = corpus.files
+    with open(index_path, "rb") as fh:
         idx_hash = hashlib.sha256(fh.read()).hexdigest()
-    bin_path = prefix + ".bin"
-    size = os.path.getsize(bin_path)
+    size = os.path.getsize(token_path)
     h = hashlib.sha256()
-    with open(bin_path, "rb") as fh:
+    with open(token_path, "rb") as fh:
         h.update(fh.read(1 << 20))
         fh.seek(max(0, size - (1 << 20)))
         h.update(fh.read(1 << 20))
-    return {"prefix": prefix, "idx_sha256": idx_hash, "bin_size": size, "bin_ends_sha256": h.hexdigest(),
-            "documents": len(corpus), "tokens": int(corpus.sizes.sum())}
+    return {"prefix": prefix, "format": type(corpus).__name__, "idx_sha256": idx_hash, "bin_size": size,
+            "bin_ends_sha256": h.hexdigest(), "documents": len(corpus), "tokens": corpus.n_tokens}
 
 
 def summary(prefixes: list, targets: list[int], plans, dataset_world_size: int, batch: int) -> dict[str, Any]:
     """What `bi150-ray data plan` prints: documents, tokens, epochs, samples, per-rank share."""
-    out: dict[str, Any] = {"prefixes": [p for p in prefixes if isinstance(p, str)], "targets": targets, "splits": {}}
+    out: dict[str, Any] = {"prefixes": corpus_prefixes(prefixes), "targets": targets, "splits": {}}
     for name, plan in zip(samples.SPLIT_NAMES, plans, strict=True):
         if plan is None:
             out["splits"][name] = None
@@ -125,7 +134,7 @@ def summary(prefixes: list, targets: list[int], plans, dataset_world_size: int, 
 def dump_first(plans, prefixes: list, k: int, out_dir: str) -> list[str]:
     """Write the first k samples of each split as DIR/{train,valid,test}.npy (int64, k x (L+1))."""
     os.makedirs(out_dir, exist_ok=True)
-    corpora = [MMapCorpus(p) for p in prefixes if isinstance(p, str)]
+    corpora = [open_corpus(p) for p in corpus_prefixes(prefixes)]
     written = []
     for name, plan in zip(samples.SPLIT_NAMES, plans, strict=True):
         if plan is None:

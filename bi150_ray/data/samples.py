@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from bi150_ray.data.mmap_format import MMapCorpus
+from bi150_ray.data.mmap_format import Corpus, open_corpus
 
 __all__ = [
     "BLEND_EXTRA_SAMPLES",
@@ -535,7 +535,7 @@ class GPTPlan:
     def __len__(self) -> int:
         return self.sample_idx.shape[0] - 1
 
-    def sample(self, corpus: MMapCorpus, i: int) -> np.ndarray:
+    def sample(self, corpus: Corpus, i: int) -> np.ndarray:
         return get_sample(corpus, self.doc_idx, self.sample_idx, self.shuffle_idx, i)
 
 
@@ -556,7 +556,7 @@ class BlendPlan:
     def __len__(self) -> int:
         return self.size
 
-    def sample(self, corpora: Sequence[MMapCorpus], i: int) -> tuple[int, np.ndarray]:
+    def sample(self, corpora: Sequence[Corpus], i: int) -> tuple[int, np.ndarray]:
         """(dataset_idx, tokens) as ``BlendableDataset[i]`` gives ``dataset_idx`` and ``text``."""
         d = int(self.dataset_index[i])
         return d, self.datasets[d].sample(corpora[d], int(self.dataset_sample_index[i]))
@@ -630,7 +630,7 @@ def _single_prefix_plans(
     data_cache_path: str | os.PathLike[str] | None,
     cache: bool,
 ) -> list[GPTPlan | None]:
-    sizes = MMapCorpus(prefix, verify_pointers=False).sizes
+    sizes = open_corpus(prefix, verify_pointers=False).sizes  # either format, PaddleNLP's precedence
     bounds = split_ranges(splits_string, len(sizes))
     plans: list[GPTPlan | None] = []
     for i, name in enumerate(SPLIT_NAMES):
@@ -667,8 +667,8 @@ def build_plan(
     """``build_train_valid_test_datasets`` without Paddle: same arguments, same plans.
 
     ``data_prefix`` is ``[prefix]`` or ``[w1, prefix1, w2, prefix2, ...]`` (blending), as
-    run_pretrain's ``get_train_data_file`` produces it. Only the mmap ``.bin``/``.idx`` format
-    is read. With ``cache`` the index files are looked up and written where PaddleNLP would.
+    run_pretrain's ``get_train_data_file`` produces it. Each prefix is read in either format
+    (``open_corpus``: ``_ids.npy``/``_idx.npz`` before ``.bin``/``.idx``, as PaddleNLP does). With ``cache`` the index files are looked up and written where PaddleNLP would.
     """
     if len(data_prefix) == 1:
         plans = _single_prefix_plans(
@@ -915,7 +915,7 @@ def blend_indices(
 
 
 def get_sample(
-    corpus: MMapCorpus, doc_idx: np.ndarray, sample_idx: np.ndarray, shuffle_idx: np.ndarray, i: int
+    corpus: Corpus, doc_idx: np.ndarray, sample_idx: np.ndarray, shuffle_idx: np.ndarray, i: int
 ) -> np.ndarray:
     """Tokens of sample ``i``: ``GPTDataset.__getitem__(i)["text"]`` (int64, seq_length + 1).
 

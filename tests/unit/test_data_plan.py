@@ -54,3 +54,29 @@ def test_dump_first_rows_are_the_splits_first_samples(assets, tmp_path):
     from bi150_ray.data.mmap_format import MMapCorpus
 
     assert np.array_equal(train[1], plans[0].sample(MMapCorpus(prefixes[0]), 1))
+
+
+def test_old_format_folder_and_blend_string_of_both_formats(tmp_path):
+    from bi150_ray.data.mmap_format import MMapWriter, open_corpus, write_npy_corpus
+
+    rng = np.random.RandomState(0)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    write_npy_corpus(tmp_path / "old" / "c", [rng.randint(0, 900, size=rng.randint(1, 80)) for _ in range(300)])
+    with MMapWriter(tmp_path / "new" / "c") as w:
+        for _ in range(200):
+            w.add_document(rng.randint(0, 900, size=rng.randint(1, 80)))
+    base = {"max_steps": 5, "per_device_train_batch_size": 2, "eval_steps": 5, "max_seq_length": 32}
+    prefixes, _, plans = data_plan.build({**base, "input_dir": str(tmp_path / "old")}, 1, 1, 1)
+    assert prefixes == [str(tmp_path / "old" / "c")]
+    assert data_plan.corpus_fingerprint(prefixes[0])["format"] == "NpyCorpus"
+    assert data_plan.cache_files(plans)  # shipped like any single-prefix plan
+
+    blend = f"2 {tmp_path / 'old' / 'c'} 1 {tmp_path / 'new' / 'c'}"
+    prefixes, targets, plans = data_plan.build({**base, "input_dir": blend}, 1, 1, 1)
+    assert data_plan.corpus_prefixes(prefixes) == [str(tmp_path / "old" / "c"), str(tmp_path / "new" / "c")]
+    info = data_plan.summary(prefixes, targets, plans, 1, 2)
+    assert info["prefixes"] == data_plan.corpus_prefixes(prefixes)
+    train = np.load(data_plan.dump_first(plans, prefixes, 4, str(tmp_path / "dump"))[0])
+    corpora = [open_corpus(p) for p in data_plan.corpus_prefixes(prefixes)]
+    assert np.array_equal(train[3], plans[0].sample(corpora, 3)[1])

@@ -18,8 +18,11 @@ from bi150_ray.data.mmap_format import (
     CorpusFormatError,
     MMapCorpus,
     MMapWriter,
+    NpyCorpus,
     best_dtype,
     dtype_code,
+    open_corpus,
+    write_npy_corpus,
 )
 
 
@@ -344,3 +347,110 @@ def test_reading_never_modifies_inputs(good_corpus: tuple[Path, int]) -> None:
     assert total > 0
     assert _snapshot(src.parent) == before
     assert not any(name.startswith(".") for name in os.listdir(src.parent))
+
+
+# --------------------------------------------------------------------------------------------
+# The older _ids.npy + _idx.npz format, and which format wins
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_old_format_reads_like_paddlenlps_compatible_dataset(tmp_path: Path, dtype: type) -> None:
+    from paddlenlp.data.indexed_dataset import CompatibleIndexedDataset, make_dataset
+
+    docs = _docs(np.dtype(dtype), n=30, seed=3)
+    prefix = str(tmp_path / "old")
+    write_npy_corpus(prefix, docs, dtype)
+    ours = open_corpus(prefix)
+    theirs = CompatibleIndexedDataset(prefix)
+    assert isinstance(ours, NpyCorpus)
+    assert isinstance(make_dataset(prefix, "mmap"), CompatibleIndexedDataset)
+    assert ours.sizes.dtype == theirs.sizes.dtype == np.int32
+    np.testing.assert_array_equal(ours.sizes, theirs.sizes)
+    np.testing.assert_array_equal(ours.doc_idx, theirs.doc_idx)
+    assert ours.n_tokens == sum(len(d) for d in docs) and ours.dtype == np.dtype(dtype)
+    for i, d in enumerate(docs):
+        got = ours.get(i)
+        assert got.dtype == theirs.get(i)[0].dtype
+        np.testing.assert_array_equal(got, theirs.get(i)[0])
+        np.testing.assert_array_equal(got, d)
+        if len(d) > 2:
+            np.testing.assert_array_equal(ours.get(i, 1, len(d) - 2), theirs.get(i, offset=1, length=len(d) - 2)[0])
+    assert pickle.loads(pickle.dumps(ours)).n_tokens == ours.n_tokens
+    with pytest.raises(ValueError):  # read-only views of the memory map
+        ours.get(2)[0] = 1
+
+
+def test_old_format_wins_when_both_exist_as_in_paddlenlp(tmp_path: Path) -> None:
+    from paddlenlp.data.indexed_dataset import make_dataset
+
+    prefix = str(tmp_path / "both")
+    _write(Path(prefix), [np.array([1, 2, 3], np.uint16)], np.dtype(np.uint16))
+    write_npy_corpus(prefix, [[7, 8], [9]])
+    assert type(make_dataset(prefix, "mmap")).__name__ == "CompatibleIndexedDataset"
+    c = open_corpus(prefix)
+    assert isinstance(c, NpyCorpus) and len(c) == 2
+    os.remove(prefix + "_idx.npz")  # half an old pair: PaddleNLP falls back to .bin/.idx, so do we
+    assert isinstance(open_corpus(prefix), MMapCorpus)
+    os.remove(prefix + ".idx")
+    os.remove(prefix + ".bin")
+    with pytest.raises(CorpusFormatError, match="_idx.npz: missing"):
+        open_corpus(prefix)
+    os.remove(prefix + "_ids.npy")
+    with pytest.raises(CorpusFormatError, match="no corpus"):
+        open_corpus(prefix)
+
+
+def _old_patch(kind: str):
+    def patch(d: Path) -> None:
+        ids, npz = d / "c_ids.npy", d / "c_idx.npz"
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in z.files}
+        if kind == "ids_cut":
+            ids.write_bytes(ids.read_bytes()[:-3])
+        elif kind == "ids_not_npy":
+            ids.write_bytes(b"garbage" * 20)
+        elif kind == "ids_float":
+            np.save(ids, np.load(ids).astype(np.float32))
+        elif kind == "ids_2d":
+            np.save(ids, np.load(ids).reshape(1, -1))
+        elif kind == "npz_not_zip":
+            npz.write_bytes(b"PK\x03\x04 not really")
+        elif kind == "lens_int64":
+            np.savez(npz, **{**arrays, "lens": arrays["lens"].astype(np.int64)})
+        elif kind == "no_docs":
+            np.savez(npz, lens=arrays["lens"])
+        elif kind == "lens_sum":
+            lens = arrays["lens"].copy()
+            lens[0] += 1
+            np.savez(npz, **{**arrays, "lens": lens})
+        elif kind == "docs_end":
+            np.savez(npz, **{**arrays, "docs": arrays["docs"][:-1]})
+
+    return patch
+
+
+OLD_CORRUPTIONS = {
+    "ids_cut": ("_ids.npy", "truncated"),
+    "ids_not_npy": ("_ids.npy", "not a NumPy .npy"),
+    "ids_float": ("_ids.npy", "not an integer type"),
+    "ids_2d": ("_ids.npy", "expected 1-D"),
+    "npz_not_zip": ("_idx.npz", "not a readable .npz"),
+    "lens_int64": ("_idx.npz", "int32"),
+    "no_docs": ("_idx.npz", "lacks"),
+    "lens_sum": ("_ids.npy", "sum to"),
+    "docs_end": ("_idx.npz", "docs must run from 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OLD_CORRUPTIONS))
+def test_old_format_corruption_is_reported_with_file_name(tmp_path: Path, case: str) -> None:
+    suffix, message = OLD_CORRUPTIONS[case]
+    write_npy_corpus(tmp_path / "c", [np.arange(3 + i) for i in range(6)])
+    _old_patch(case)(tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(CorpusFormatError, match=message) as err:
+        open_corpus(tmp_path / "c")
+    assert str(err.value).startswith(f"{tmp_path / 'c'}{suffix}:"), str(err.value)
+    assert "\n" not in str(err.value)
+    assert _snapshot(tmp_path) == before

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bi150_ray.data import samples
-from bi150_ray.data.mmap_format import MMapCorpus, MMapWriter
+from bi150_ray.data.mmap_format import MMapCorpus, MMapWriter, open_corpus, write_npy_corpus
 from bi150_ray.data.samples import (
     BlendPlan,
     GPTPlan,
@@ -339,6 +339,51 @@ def test_blend_matches_paddlenlp(pd, tmp_path: Path) -> None:
         data_prefix, targets
     )
     assert blend_targets(data_prefix, targets)[2][1] == [int(np.ceil(v * 0.7 * 1.005)) + 20 for v in targets]
+
+
+def _old_corpus(path: Path, lengths: np.ndarray, seed: int = 0) -> str:
+    rng = np.random.RandomState(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    prefix = str(path / "corpus")
+    write_npy_corpus(prefix, [rng.randint(0, 32000, size=int(n)) for n in lengths], np.uint16)
+    return prefix
+
+
+def test_old_format_plan_and_blend_of_both_formats_match_paddlenlp(pd, tmp_path: Path) -> None:
+    """A blend of an old ``_ids.npy``/``_idx.npz`` corpus with a ``.bin``/``.idx`` one, and a
+    prefix holding both formats (the old one must win), against build_train_valid_test_datasets."""
+    rng = np.random.RandomState(11)
+    old = _old_corpus(tmp_path / "old", rng.randint(1, 200, size=250), 3)
+    new = _corpus(tmp_path / "new", rng.randint(1, 60, size=300), 4)
+    both = _old_corpus(tmp_path / "both", rng.randint(1, 90, size=120), 5)
+    _corpus(tmp_path / "both", rng.randint(1, 90, size=77), 6)  # same prefix, .bin/.idx: must lose
+    data_prefix = ["2", old, "1", new, "0.5", both]
+    targets, seq_length, seed = [600, 40, 9], 48, 17
+    theirs = _paddle_datasets(pd, data_prefix, "90,7,3", targets, seq_length, seed, tmp_path / "theirs")
+    ours = build_plan(data_prefix, "90,7,3", targets, seq_length, seed, data_cache_path=tmp_path / "ours")
+    corpora = [open_corpus(old), open_corpus(new), open_corpus(both)]
+    assert [type(c).__name__ for c in corpora] == ["NpyCorpus", "MMapCorpus", "NpyCorpus"]
+    for t, o, n in zip(theirs, ours, targets, strict=True):
+        assert isinstance(o, BlendPlan) and len(o) == len(t) == n
+        assert np.array_equal(o.dataset_index, t.dataset_index)
+        assert np.array_equal(o.dataset_sample_index, t.dataset_sample_index)
+        assert o.desc == t.desc
+        for oc, tc in zip(o.datasets, t.datasets, strict=True):
+            _assert_same(tuple(getattr(oc, k) for k in ARRAYS), tuple(getattr(tc, k) for k in ARRAYS))
+        for i in sorted({0, n - 1, *rng.randint(0, n, size=60).tolist()}):
+            d, tokens = o.sample(corpora, i)
+            item = t[i]
+            assert d == item["dataset_idx"] and np.array_equal(tokens, item["text"]), i
+    assert _files(tmp_path / "ours") == _files(tmp_path / "theirs")
+
+    # a single old-format prefix, several epochs
+    single = _paddle_datasets(pd, [old], "8,1,1", [3000, 50, 20], 64, 5, tmp_path / "theirs1")
+    mine = build_plan([old], "8,1,1", [3000, 50, 20], 64, 5, data_cache_path=tmp_path / "ours1")
+    assert mine[0].num_epochs > 1
+    for t, o in zip(single, mine, strict=True):
+        _assert_same(tuple(getattr(o, k) for k in ARRAYS), tuple(getattr(t, k) for k in ARRAYS))
+        for i in (0, len(t) // 2, len(t) - 1):
+            assert np.array_equal(o.sample(corpora[0], i), t[i]["text"])
 
 
 def test_caches_are_shared_both_ways(pd, tmp_path: Path) -> None:
