@@ -43,6 +43,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _declares_backend(config_path: str, runtime_path: str | None) -> bool:
+    """Whether the job names its backend (in its 'runtime' section or the --runtime file)."""
+    for path, section in ((config_path, "runtime"), (runtime_path, None)):
+        if path:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except (OSError, ValueError):
+                continue  # config.load reports unreadable files with the file name
+            if isinstance(data, dict) and "backend" in (data.get(section) or {} if section else data):
+                return True
+    return False
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Degrees, groups, rank layout, memory per device and throughput, before anything runs."""
     import dataclasses
@@ -51,7 +65,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from bi150_ray.plan import make_plan
     from bi150_ray.topology import cross_node_pipeline_hops, describe_groups
 
-    plan = make_plan(config.load(args.config, args.runtime, **_runtime_overrides(args)))
+    overrides = _runtime_overrides(args)
+    if overrides["backend"] is None and not _declares_backend(args.config, args.runtime):
+        overrides["backend"] = "corex"  # a plan is for the BI150 cluster unless the config or --backend says otherwise
+    plan = make_plan(config.load(args.config, args.runtime, **overrides))
     rt = plan.job.runtime
     registry = estimate.load_registry(args.device_registry)
     device = estimate.find_device(args.device or ("cpu" if rt.backend == "cpu" else "BI-V150"), registry)
@@ -100,9 +117,19 @@ def _cmd_node_resources(args: argparse.Namespace) -> int:
 
 
 def _cmd_gather(args: argparse.Namespace) -> int:
-    """A checkpoint folder on this machine (or shared storage) -> one loadable model directory."""
+    """A run's checkpoint-N (from its nodes) or a checkpoint folder here -> one loadable model directory."""
+    from bi150_ray.checkpoint import fromrun
     from bi150_ray.checkpoint.merge import merge_checkpoint
 
+    if fromrun.is_run(args.checkpoint):
+        manifest = fromrun.gather_run(args.checkpoint, args.out, step=args.step, address=args.address)
+        print(f"checkpoint-{manifest['global_step']} -> {os.path.abspath(args.out)} "
+              f"({len(manifest['files'])} files, sha256 verified)")
+        return 0
+    if args.step is not None or args.address:
+        print(f"bi150-ray: error: --step/--address need a run (results dir or run_record.json), "
+              f"and {args.checkpoint} is a checkpoint folder", file=sys.stderr)
+        return 2
     out = merge_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp)
     print(out)
     return 0
@@ -138,6 +165,49 @@ def _cmd_data_plan(args: argparse.Namespace) -> int:
     for path in info.get("dumped", []):
         print(f"wrote {path}")
     return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """Raw jsonl/parquet/text -> one PaddleNLP .bin/.idx, tokenized by Ray tasks (resumable)."""
+    from bi150_ray.data import prepare as prep
+
+    given = {
+        "input_format": args.format, "json_key": args.json_key, "parquet_column": args.column,
+        "text_mode": args.text_mode, "append_eos": args.append_eos, "workers": args.workers,
+        "shard_bytes": int(args.shard_mb * (1 << 20)) if args.shard_mb else None, "work_dir": args.work_dir,
+        "max_repeated_len": (args.max_repeated_len or None) if args.max_repeated_len is not None else None,
+    }
+    cfg = prep.PrepareConfig(
+        inputs=tuple(args.inputs), tokenizer=args.tokenizer, output_prefix=args.output,
+        spread=args.spread, keep_work=args.keep_work, overwrite=args.overwrite, progress=not args.no_progress,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    if args.max_repeated_len == 0:
+        cfg = dataclasses.replace(cfg, max_repeated_len=None)
+    r = prep.run(cfg, address=args.address, num_cpus=args.num_cpus)
+    print(f"wrote {r.prefix}.bin/.idx: {r.n_docs:,} documents, {r.n_tokens:,} tokens ({r.dtype}); "
+          f"{r.shards} shards, {r.shards_tokenized} tokenized now, {r.shards_reused} reused; {r.seconds:.1f}s")
+    print("BI150_PREPARE_RESULT " + json.dumps(dataclasses.asdict(r)))
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """Pre-flight of the live cluster against one job: go/no-go table, exit 1 on no-go."""
+    from bi150_ray import config, doctor
+    from bi150_ray.plan import make_plan
+
+    plan = make_plan(config.load(args.config, args.runtime, **_runtime_overrides(args)))
+    opts = doctor.DoctorOptions(clock_tolerance_s=args.clock_tolerance, collective=not args.no_collective,
+                                collective_mb=args.mb, min_bandwidth_mb_s=args.min_bandwidth, ixsmi=args.ixsmi)
+    doctor.connect()
+    report = doctor.run_doctor(plan, opts)
+    rt = plan.job.runtime
+    if args.json:
+        print(report.to_json())
+    else:
+        print(doctor.format_report(report.results, f"bi150-ray doctor: job {plan.run_name} needs {rt.nodes} node(s) x "
+                                   f"{rt.devices_per_node} {rt.resource_name}, backend {rt.backend} ({report.seconds:.1f}s)"))
+    return 0 if report.verdict == doctor.GO else 1
 
 
 def _record_path(path: str) -> str:
@@ -208,6 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--resource-name", default="BI150")
     n.set_defaults(func=_cmd_node_resources)
 
+    dr = sub.add_parser("doctor", help="pre-flight: qualify the live cluster for a job (exit 1 on no-go)")
+    dr.add_argument("config", help="the job's PaddleNLP JSON (with or without a 'runtime' section)")
+    dr.add_argument("--runtime", help="a JSON file with the runtime section")
+    dr.add_argument("--nodes", type=int)
+    dr.add_argument("--devices-per-node", type=int)
+    dr.add_argument("--backend", choices=["cpu", "corex", "iluvatar_gpu"])
+    dr.add_argument("--storage", help="runtime.storage_path")
+    dr.add_argument("--run-name")
+    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--no-collective", action="store_true", help="skip the all-reduce and bandwidth test")
+    dr.add_argument("--mb", type=float, default=4.0, help="MB per send/recv between each pair of nodes")
+    dr.add_argument("--min-bandwidth", type=float, default=0.0, help="MB/s below which a node pair is no-go")
+    dr.add_argument("--clock-tolerance", type=float, default=2.0, help="seconds a node's clock may differ from the head's")
+    dr.add_argument("--ixsmi", default="ixsmi")
+    dr.set_defaults(func=_cmd_doctor)
+
     dp = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)
     pl = dp.add_parser("plan", help="documents, tokens, epochs, samples per split and per rank, hashes")
     pl.add_argument("config")
@@ -223,8 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_data_plan)
 
     g = sub.add_parser("gather", help="merge a checkpoint-N (tp/pp shards) into one safetensors model dir")
-    g.add_argument("checkpoint", help="a checkpoint-N folder (or output_dir) holding model_state*.pdparams")
+    g.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                   help="a run (results dir or run_record.json), or a checkpoint-N folder holding model_state*.pdparams")
     g.add_argument("--out", required=True)
+    g.add_argument("--step", type=int, help="with a run: which checkpoint-N (default: the newest complete one)")
+    g.add_argument("--address", help="with a run on node-local storage: the Ray cluster holding its nodes")
     g.add_argument("--tp", type=int, help="expected tensor-parallel degree (default: from file names)")
     g.add_argument("--pp", type=int, help="expected pipeline-parallel degree (default: from file names)")
     g.set_defaults(func=_cmd_gather)
