@@ -169,21 +169,22 @@ def _cmd_data_plan(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     """Raw jsonl/parquet/text -> one PaddleNLP .bin/.idx, tokenized by Ray tasks (resumable)."""
+    import dataclasses
+
     from bi150_ray.data import prepare as prep
 
-    given = {
+    given = {  # flags left out keep PrepareConfig's defaults
         "input_format": args.format, "json_key": args.json_key, "parquet_column": args.column,
         "text_mode": args.text_mode, "append_eos": args.append_eos, "workers": args.workers,
         "shard_bytes": int(args.shard_mb * (1 << 20)) if args.shard_mb else None, "work_dir": args.work_dir,
-        "max_repeated_len": (args.max_repeated_len or None) if args.max_repeated_len is not None else None,
     }
+    if args.max_repeated_len is not None:
+        given["max_repeated_len"] = args.max_repeated_len or None  # 0: keep repeated characters
     cfg = prep.PrepareConfig(
         inputs=tuple(args.inputs), tokenizer=args.tokenizer, output_prefix=args.output,
         spread=args.spread, keep_work=args.keep_work, overwrite=args.overwrite, progress=not args.no_progress,
-        **{k: v for k, v in given.items() if v is not None},
+        **{k: v for k, v in given.items() if v is not None or k == "max_repeated_len"},
     )
-    if args.max_repeated_len == 0:
-        cfg = dataclasses.replace(cfg, max_repeated_len=None)
     r = prep.run(cfg, address=args.address, num_cpus=args.num_cpus)
     print(f"wrote {r.prefix}.bin/.idx: {r.n_docs:,} documents, {r.n_tokens:,} tokens ({r.dtype}); "
           f"{r.shards} shards, {r.shards_tokenized} tokenized now, {r.shards_reused} reused; {r.seconds:.1f}s")
@@ -307,6 +308,28 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dump-first", type=int, default=0, metavar="K", help="write the first K samples of each split")
     pl.add_argument("--out", default="data_plan_dump", help="folder for --dump-first")
     pl.set_defaults(func=_cmd_data_plan)
+
+    pr = sub.add_parser("prepare", help="tokenize jsonl/parquet/text into one PaddleNLP .bin/.idx with Ray tasks")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs or directories")
+    pr.add_argument("--tokenizer", required=True, help="PaddleNLP tokenizer directory or sentencepiece .model")
+    pr.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    pr.add_argument("--format", choices=["auto", "jsonl", "parquet", "text"], help="default: from the extension")
+    pr.add_argument("--json-key", help="jsonl: the text key (default text)")
+    pr.add_argument("--column", help="parquet: the text column (default text)")
+    pr.add_argument("--text-mode", choices=["line", "paragraph"], help="text: a document per line (default) "
+                    "or per blank-line separated paragraph")
+    pr.add_argument("--no-append-eos", dest="append_eos", action="store_false", default=None)
+    pr.add_argument("--max-repeated-len", type=int, help="collapse longer runs of one character (default 100; 0: off)")
+    pr.add_argument("--shard-mb", type=float, help="input MiB per Ray task (default 64)")
+    pr.add_argument("--workers", type=int, help="tokenizing tasks in flight (default: as many as Ray schedules)")
+    pr.add_argument("--spread", action="store_true", help="run tasks on every node (paths must be on shared storage)")
+    pr.add_argument("--work-dir", help="shard files and markers (default: PREFIX.prepare)")
+    pr.add_argument("--keep-work", action="store_true")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    pr.add_argument("--address", help="Ray cluster to use (default: a private local Ray on 127.0.0.1)")
+    pr.add_argument("--num-cpus", type=int, help="CPUs of the private local Ray (default: all)")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=_cmd_prepare)
 
     g = sub.add_parser("gather", help="merge a checkpoint-N (tp/pp shards) into one safetensors model dir")
     g.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",

@@ -4,6 +4,7 @@ from bi150_ray.checkpoint.gather import GatherError
 from bi150_ray.checkpoint.merge import MergeError
 from bi150_ray.config import ConfigError
 from bi150_ray.data.mmap_format import CorpusFormatError
+from bi150_ray.data.prepare import PrepareError
 from bi150_ray.devices import DeviceDetectionError, IxsmiParseError
 from bi150_ray.envcontract import EnvContractError
 from bi150_ray.estimate import EstimateError
@@ -35,4 +36,5 @@ USER_ERRORS = (
     MergeError,
     EstimateError,
     RecordPathError,
+    PrepareError,
 )
