@@ -40,34 +40,93 @@ class GatherError(RuntimeError):
 CHUNK = 256 << 20  # bytes per Ray transfer when copying a file off a node
 
 
-def stage_from_nodes(sources: dict[int, tuple[Any, str]], rank0_node: int, staging: str) -> list[str]:
-    """Copy one model folder's pieces from the nodes into `staging` on this machine.
+def _is_model_shard(name: str) -> bool:
+    return name.startswith("model_state") and name.endswith(".pdparams")
 
-    `sources[node] = (file actor on that node, folder path there)`. Model shards are taken from
-    whichever node has them; the small metadata files (config, tokenizer) from rank 0's node.
-    Files move in CHUNK-sized pieces so a multi-GB shard never sits whole in the object store.
+
+def list_sources(sources: dict[int, tuple[Any, str]]) -> dict[int, dict[str, int]]:
+    """{node: {file: bytes}} of each node's folder; through its file actor, or here when the actor is None."""
+    import ray
+
+    remote = {n: a.list_files.remote(path) for n, (a, path) in sources.items() if a is not None}
+    got = dict(zip(remote, ray.get(list(remote.values())), strict=True)) if remote else {}
+    out: dict[int, dict[str, int]] = {}
+    for node, (actor, folder) in sources.items():
+        if actor is not None:
+            out[node] = got[node]
+        elif os.path.isdir(folder):
+            out[node] = {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                         if os.path.isfile(os.path.join(folder, f))}
+        else:
+            out[node] = {}
+    return out
+
+
+def stage_from_nodes(
+    sources: dict[int, tuple[Any, str]],
+    rank0_node: int,
+    staging: str,
+    listings: dict[int, dict[str, int]] | None = None,
+) -> list[str]:
+    """Bring one model folder's pieces from the nodes into `staging` on this machine.
+
+    `sources[node] = (file actor on that node or None, folder path there)`. Model shards are taken
+    from whichever node has them; the small metadata files (config, tokenizer) from rank 0's node.
+    A folder readable here (actor None: shared storage, or a simulated node on this machine) is
+    linked, not copied; a remote one moves in CHUNK-sized pieces so a multi-GB shard never sits
+    whole in the object store.
     """
     import ray
 
     os.makedirs(staging, exist_ok=True)
-    listings = dict(zip(sources, ray.get([a.list_files.remote(path) for a, path in sources.values()]), strict=True))
+    listings = listings if listings is not None else list_sources(sources)
     plan: dict[str, tuple[int, int]] = {}
     for node, files in listings.items():
         for name, size in files.items():
-            if name.startswith("model_state") and name.endswith(".pdparams"):
+            if _is_model_shard(name):
                 plan.setdefault(name, (node, size))
     for name in SIDE_FILES:
         if name in listings.get(rank0_node, {}):
             plan[name] = (rank0_node, listings[rank0_node][name])
-    if not any(n.startswith("model_state") for n in plan):
+    if not any(_is_model_shard(n) for n in plan):
         where = ", ".join(f"node {n}: {sources[n][1]}" for n in sources)
         raise GatherError(f"no model_state*.pdparams found ({where}); did training save a model?")
     for name, (node, size) in sorted(plan.items()):
         actor, folder = sources[node]
+        if actor is None:
+            os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(staging, name))
+            continue
         with open(os.path.join(staging, name), "wb") as out:
             for offset in range(0, max(size, 1), CHUNK):
                 out.write(ray.get(actor.read_chunk.remote(os.path.join(folder, name), offset, CHUNK)))
     return sorted(plan)
+
+
+def gather_model(
+    sources: dict[int, tuple[Any, str]],
+    rank0_node: int,
+    out_dir: str,
+    tp: int,
+    pp: int,
+    provenance: dict[str, Any],
+    listings: dict[int, dict[str, int]] | None = None,
+) -> str:
+    """Stage a model folder off its nodes, merge tp/pp shards into `out_dir`, drop the staging.
+
+    The one path for the driver's end-of-run gather and `bi150-ray gather RUN`, shared storage or not.
+    """
+    import shutil
+
+    from bi150_ray.checkpoint.merge import merge_checkpoint
+
+    out_dir = os.path.abspath(out_dir)
+    staging = f"{out_dir}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        stage_from_nodes(sources, rank0_node, staging, listings)
+        return merge_checkpoint(staging, out_dir, tp, pp, provenance=provenance)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def verify_gathered(out_dir: str) -> dict[str, Any]:
