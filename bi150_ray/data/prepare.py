@@ -616,8 +616,11 @@ def merge_shards(shard_prefixes: Sequence[Path], output_prefix: str, dtype: np.d
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int | None = None) -> Iterator[None]:
-    """A one-node Ray on 127.0.0.1 with free agent ports (see ``bi150_ray.demo``), for the CLI."""
+def local_ray(num_cpus: int | None = None) -> Iterator[str]:
+    """A one-node Ray on 127.0.0.1 with free agent ports (see ``bi150_ray.demo``), for the CLI.
+
+    Yields its address, so other processes (``jobs/prepare_data.py`` in tests) can join it.
+    """
     from bi150_ray.demo import _free_agent_ports, pin_ray_to_loopback
 
     pin_ray_to_loopback()
@@ -635,7 +638,7 @@ def local_ray(num_cpus: int | None = None) -> Iterator[None]:
     )
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        yield
+        yield cluster.address
     finally:
         ray.shutdown()
         cluster.shutdown()
