@@ -348,8 +348,6 @@ class PretrainJob:
         from bi150_ray.data import plan as data_plan
 
         rt, plan = self.job.runtime, self.plan
-        if rt.shared_storage:
-            return None  # ranks share one cache folder; PaddleNLP's share_folder builds it once
 
         def build_on_node(args: dict, world: int, eval_iters: int, test_iters: int):
             prefixes, _, plans = data_plan.build(args, world, eval_iters, test_iters)
@@ -365,6 +363,8 @@ class PretrainJob:
         except ray.exceptions.RayTaskError as exc:  # bad data is the user's to fix: say what, not how it broke
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
             raise DataPlanError(f"data plan for {self.job.source}: {cause}") from None
+        if rt.shared_storage:  # built only to check the data; ranks share one cache folder (share_folder)
+            return None
         if not files:
             return None  # blends: PaddleNLP builds the blend indices in the ranks
         files_ref = ray.put(files)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from bi150_ray.data import samples
-from bi150_ray.data.mmap_format import open_corpus
+from bi150_ray.data.mmap_format import Corpus, CorpusFormatError, open_corpus
+
+_SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a corpus for out-of-vocabulary ids
+
+
+class DataInputError(CorpusFormatError):
+    """Bad data found while planning (token ids outside the vocabulary, a prefix given twice, a
+    stale index cache, an empty corpus or split). One line naming the file; inputs are untouched."""
 
 
 def discover_prefixes(input_dir: str) -> list:
@@ -63,11 +71,16 @@ def targets_for(args: Mapping[str, Any], dataset_world_size: int, eval_iters: in
 
 
 def build(args: Mapping[str, Any], dataset_world_size: int, eval_iters: int, test_iters: int):
-    """(prefixes, targets, (train, valid, test) plans) for a job's resolved PaddleNLP args."""
+    """(prefixes, targets, (train, valid, test) plans) for a job's resolved PaddleNLP args.
+
+    Everything that would otherwise fail (or silently misbehave) inside the ranks is checked
+    here first, before any rank starts (``check_inputs``, ``check_index_cache``).
+    """
     prefixes = discover_prefixes(args["input_dir"])
     if not prefixes:
         raise ValueError(f"{args['input_dir']}: no corpus (.bin/.idx or _ids.npy/_idx.npz) found in input_dir")
     targets = targets_for(args, dataset_world_size, eval_iters, test_iters)
+    check_inputs(args, prefixes)
     plans = samples.build_plan(
         prefixes,
         args.get("split", "949,50,1"),
@@ -76,7 +89,143 @@ def build(args: Mapping[str, Any], dataset_world_size: int, eval_iters: int, tes
         int(args.get("seed", 42)),
         cache=False,
     )
+    check_index_cache(plans)
     return prefixes, targets, plans
+
+
+def check_inputs(args: Mapping[str, Any], prefixes: list) -> None:
+    """Refuse, naming the file: a prefix given twice, an empty corpus, a split that leaves a
+    phase the job runs (do_train/do_eval/do_predict) without documents or a split with documents
+    but no tokens (PaddleNLP's epoch loop never ends there), token ids outside the vocabulary."""
+    input_dir = str(args["input_dir"])
+    paths = corpus_prefixes(prefixes)
+    seen: dict[str, str] = {}
+    for p in paths:
+        key = os.path.normpath(os.path.abspath(p))
+        if key in seen:
+            if len(input_dir.split()) > 1:
+                raise DataInputError(
+                    f"{p}: listed twice in the input_dir blend (as {seen[key]!r} and {p!r}); PaddleNLP would "
+                    "blend it with itself as two datasets: give it once, with the summed weight"
+                )
+            raise DataInputError(
+                f"{p}: both {p}.bin/.idx and {p}_ids.npy/_idx.npz are in {input_dir}; PaddleNLP lists the prefix "
+                "twice and reads the _ids.npy pair both times: move one of the two formats out of the folder"
+            )
+        seen[key] = p
+    split = str(args.get("split", "949,50,1"))
+    phases = {"train": bool(args.get("do_train")), "valid": bool(args.get("do_eval")),
+              "test": bool(args.get("do_predict"))}
+    try:
+        samples.check_data_split(split, phases["train"], phases["valid"], phases["test"])
+    except ValueError:
+        needed = [n for n, on in phases.items() if on]
+        raise DataInputError(f"split {split!r}: gives weight 0 to a split the job needs ({', '.join(needed)})") from None
+    vocab = model_vocab_size(args)
+    for p in paths:
+        corpus = open_corpus(p)
+        index_file, token_file = corpus.files
+        if len(corpus) == 0:
+            raise DataInputError(f"{index_file}: empty corpus (0 documents)")
+        if corpus.n_tokens == 0:
+            raise DataInputError(f"{token_file}: empty corpus ({len(corpus)} documents, 0 tokens)")
+        bounds = samples.split_ranges(split, len(corpus))
+        for i, name in enumerate(samples.SPLIT_NAMES):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi <= lo and phases[name]:
+                raise DataInputError(
+                    f"{index_file}: split {split!r} leaves the {name} split with 0 of {len(corpus)} documents, "
+                    f"but the job needs it ({'do_train' if name == 'train' else 'do_eval' if name == 'valid' else 'do_predict'}); "
+                    "give it more weight or add documents"
+                )
+            if hi > lo and int(np.sum(corpus.sizes[lo:hi], dtype=np.int64)) == 0:
+                raise DataInputError(
+                    f"{index_file}: the {name} split (documents {lo}..{hi - 1}) holds 0 tokens; "
+                    "PaddleNLP would loop forever building its samples"
+                )
+        if vocab is not None:
+            check_token_ids(corpus, *vocab)
+
+
+def model_vocab_size(args: Mapping[str, Any]) -> tuple[int, str] | None:
+    """(vocab_size, where it came from): the model directory's config.json, else a known model
+    name; None when neither is available (then token ids are not checked)."""
+    name = args.get("model_name_or_path")
+    if not name:
+        return None
+    cfg = os.path.join(str(name), "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg, encoding="utf-8") as fh:
+            vocab = json.load(fh).get("vocab_size")
+        return (int(vocab), cfg) if vocab else None
+    from bi150_ray.plan import KNOWN_MODELS
+
+    vocab = KNOWN_MODELS.get(str(name), {}).get("vocab_size")
+    return (int(vocab), f"model {name}") if vocab else None
+
+
+def check_token_ids(corpus: Corpus, vocab_size: int, source: str) -> None:
+    """Every token id in ``[0, vocab_size)``: a chunked max (and min, for signed dtypes) over the
+    memory-mapped tokens, skipped when the dtype cannot hold an id outside the range."""
+    dt = corpus.dtype
+    if dt.kind == "u" and np.iinfo(dt).max < vocab_size:
+        return
+    tokens = corpus.tokens
+    for lo in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[lo : lo + _SCAN_CHUNK]
+        if chunk.max() < vocab_size and (dt.kind == "u" or chunk.min() >= 0):
+            continue
+        at = lo + int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
+        seq = int(np.searchsorted(np.cumsum(corpus.sizes, dtype=np.int64), at, side="right"))
+        raise DataInputError(
+            f"{corpus.files[1]}: token id {tokens[at]} (token {at}, sequence {seq}) is outside the model's "
+            f"vocabulary [0, {vocab_size}) from {source}: tokenize with the model's tokenizer or fix vocab_size"
+        )
+
+
+def _gpt_plans(plans) -> list[samples.GPTPlan]:
+    out: list[samples.GPTPlan] = []
+    for plan in plans:
+        if isinstance(plan, samples.GPTPlan):
+            out.append(plan)
+        elif isinstance(plan, samples.BlendPlan):
+            out.extend(plan.datasets)
+    return out
+
+
+def check_index_cache(plans) -> None:
+    """Cache files beside the corpus (``<dir>/index-cache``, which PaddleNLP reads before
+    ``data_cache`` and which we never write) must be the plan we just built.
+
+    Checked when all four files are there (PaddleNLP's hit rule): the ``.dsc`` text, then each
+    array's dtype and shape, then its content, compared in chunks against the fresh arrays (a
+    read of the files, cheaper than the build). A corpus rewritten at the same path keeps the
+    same md5 names, so only the content shows that the cache is stale.
+    """
+    for plan in _gpt_plans(plans):
+        folder = os.path.join(os.path.dirname(plan.prefix), samples.INDEX_CACHE_DIRNAME)
+        paths = samples.cache_paths(folder, plan.prefix, plan.name, plan.num_samples, plan.seq_length,
+                                    plan.seed, plan.split)
+        if not all(os.path.isfile(p) for p in paths.values()):
+            continue
+        stale = f"PaddleNLP would load it instead of the plan for {plan.prefix} ({plan.name} split); delete it"
+        with open(paths["desc"], "rb") as fh:
+            if fh.read() != plan.desc.encode("utf-8"):
+                raise DataInputError(f"{paths['desc']}: describes another dataset than its md5 name says; {stale}")
+        for key, want in (("doc", plan.doc_idx), ("sample", plan.sample_idx), ("shuffle", plan.shuffle_idx)):
+            try:
+                got = np.load(paths[key], mmap_mode="r", allow_pickle=False)
+            except Exception as exc:
+                raise DataInputError(f"{paths[key]}: unreadable ({type(exc).__name__}: {exc}); {stale}") from None
+            if got.dtype != want.dtype or got.shape != want.shape:
+                raise DataInputError(
+                    f"{paths[key]}: stale index cache ({got.dtype} {got.shape}, the corpus gives {want.dtype} "
+                    f"{want.shape}); {stale}"
+                )
+            flat_got, flat_want = got.reshape(-1), np.asarray(want).reshape(-1)
+            for lo in range(0, flat_want.size, _SCAN_CHUNK):
+                if not np.array_equal(flat_got[lo : lo + _SCAN_CHUNK], flat_want[lo : lo + _SCAN_CHUNK]):
+                    raise DataInputError(f"{paths[key]}: stale index cache (content differs from the corpus); {stale}")
 
 
 def cache_files(plans) -> dict[str, bytes]:

@@ -80,3 +80,124 @@ def test_old_format_folder_and_blend_string_of_both_formats(tmp_path):
     train = np.load(data_plan.dump_first(plans, prefixes, 4, str(tmp_path / "dump"))[0])
     corpora = [open_corpus(p) for p in data_plan.corpus_prefixes(prefixes)]
     assert np.array_equal(train[3], plans[0].sample(corpora, 3)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line naming the file, raised by the plan build, inputs untouched
+# --------------------------------------------------------------------------------------------
+
+
+def _tree_hashes(root) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _bad_case(tmp_path, lengths, *, vocab=1000, high=900, dtype=np.uint16, fmt="bin"):
+    import json
+
+    from bi150_ray.data.mmap_format import MMapWriter, write_npy_corpus
+
+    rng = np.random.RandomState(1)
+    data, model = tmp_path / "data", tmp_path / "model"
+    data.mkdir(exist_ok=True)
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+    docs = [rng.randint(0, high, size=int(n)).astype(dtype) for n in lengths]
+    if fmt == "bin":
+        with MMapWriter(data / "c", dtype) as w:
+            for d in docs:
+                w.add_document(d)
+    else:
+        write_npy_corpus(data / "c", docs, dtype)
+    return {"input_dir": str(data), "model_name_or_path": str(model), "max_steps": 4, "eval_steps": 2,
+            "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "max_seq_length": 16,
+            "do_train": True, "do_eval": True, "split": "90,10,0"}
+
+
+def _refused(args, root, message: str, file: str) -> str:
+    before = _tree_hashes(root)
+    with pytest.raises(data_plan.DataInputError, match=message) as err:
+        data_plan.build(args, 1, 1, 1)
+    text = str(err.value)
+    assert text.startswith(file + ":") or text.startswith(file + " "), text
+    assert "\n" not in text
+    assert _tree_hashes(root) == before  # never modified, nothing added
+    return text
+
+
+@pytest.mark.parametrize("fmt", ["bin", "npy"])
+def test_token_ids_outside_the_vocabulary(tmp_path, fmt):
+    args = _bad_case(tmp_path, [30] * 50, vocab=1000, high=900, fmt=fmt)
+    data_plan.build(args, 1, 1, 1)  # all ids < 1000: accepted
+    args = _bad_case(tmp_path, [30] * 50, vocab=800, high=900, fmt=fmt)
+    token_file = str(tmp_path / "data" / ("c.bin" if fmt == "bin" else "c_ids.npy"))
+    text = _refused(args, tmp_path, r"outside the model's vocabulary \[0, 800\)", token_file)
+    assert str(tmp_path / "model" / "config.json") in text
+
+
+def test_negative_token_id_and_dtype_shortcut(tmp_path, monkeypatch):
+    args = _bad_case(tmp_path, [20] * 40, vocab=1000, high=900, dtype=np.int32)
+    tokens = np.memmap(tmp_path / "data" / "c.bin", dtype=np.int32, mode="r+")
+    tokens[777] = -5  # sequence 38
+    del tokens
+    text = _refused(args, tmp_path, "token id -5", str(tmp_path / "data" / "c.bin"))
+    assert "token 777, sequence 38" in text
+    # uint16 tokens cannot exceed a 70000-entry vocabulary: the scan is skipped
+    args = _bad_case(tmp_path, [20] * 40, vocab=70000, high=900)
+    monkeypatch.setattr(data_plan, "_SCAN_CHUNK", 0)  # a scan would now fail (range step 0)
+    data_plan.build(args, 1, 1, 1)
+
+
+def test_prefix_listed_twice(tmp_path):
+    args = _bad_case(tmp_path, [30] * 50)
+    p = str(tmp_path / "data" / "c")
+    alias = str(tmp_path / "data" / "." / "c")
+    _refused({**args, "input_dir": f"1 {p} 2 {alias}"}, tmp_path, "listed twice in the input_dir blend", alias)
+    # both formats in one folder: PaddleNLP's discovery lists the prefix twice
+    from bi150_ray.data.mmap_format import write_npy_corpus
+
+    write_npy_corpus(p, [np.arange(5)] * 10)
+    _refused(args, tmp_path, "both .*bin/.idx and .*_ids.npy/_idx.npz", p)
+
+
+def test_empty_corpus_and_empty_splits(tmp_path):
+    _refused(_bad_case(tmp_path, []), tmp_path, "empty corpus \\(0 documents\\)", str(tmp_path / "data" / "c.idx"))
+    _refused(_bad_case(tmp_path, [0] * 10), tmp_path, "0 tokens", str(tmp_path / "data" / "c.bin"))
+    # 949,50,1 over 40 documents leaves test with 0 documents; fine unless the job predicts
+    args = {**_bad_case(tmp_path, [30] * 40), "split": "949,50,1"}
+    data_plan.build(args, 1, 1, 1)
+    _refused({**args, "do_predict": True}, tmp_path, "test split with 0 of 40 documents", str(tmp_path / "data" / "c.idx"))
+    # documents but no tokens in the valid split: PaddleNLP's epoch loop would never end
+    (tmp_path / "npy").mkdir()
+    args = _bad_case(tmp_path / "npy", [30] * 45 + [0] * 5, fmt="npy")
+    npz = str(tmp_path / "npy" / "data" / "c_idx.npz")
+    _refused(args, tmp_path, "valid split \\(documents 45..49\\) holds 0 tokens", npz)
+    _refused({**args, "split": "1,0,0"}, tmp_path, "weight 0 to a split the job needs", "split")
+
+
+def test_stale_index_cache_beside_the_corpus(tmp_path):
+    from bi150_ray.data import samples
+
+    args = _bad_case(tmp_path, [30] * 50)
+    _, _, plans = data_plan.build(args, 1, 1, 1)
+    cache = tmp_path / "data" / "index-cache"
+    train = plans[0]
+    paths = samples.save_cache(cache, train.prefix, train.name, train.num_samples, train.seq_length, train.seed,
+                               train.split, train.doc_idx, train.sample_idx, train.shuffle_idx)
+    data_plan.build(args, 1, 1, 1)  # the cache PaddleNLP would load is this plan: accepted
+    good = {k: open(v, "rb").read() for k, v in paths.items()}
+
+    shuffled = np.array(train.shuffle_idx)[::-1].copy()  # same shape and dtype, other content
+    np.save(paths["shuffle"], shuffled)
+    _refused(args, tmp_path, "content differs", paths["shuffle"])
+    np.save(paths["shuffle"], np.array(train.shuffle_idx, dtype=np.int64))
+    _refused(args, tmp_path, "stale index cache \\(int64", paths["shuffle"])
+    open(paths["shuffle"], "wb").write(good["shuffle"])
+    open(paths["desc"], "w").write("GPT Dataset\n\nsomething else\n")
+    _refused(args, tmp_path, "describes another dataset", paths["desc"])
+    open(paths["desc"], "wb").write(good["desc"])
+    # the corpus rewritten at the same path (same md5 names): its old cache no longer matches
+    _bad_case(tmp_path, [31] * 50)
+    _refused(args, tmp_path, "stale index cache", paths["doc"].replace("_doc_idx", "_sample_idx"))
