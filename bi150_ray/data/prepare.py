@@ -333,9 +333,13 @@ class _Encoder:
 
 
 def _encoder(path: str) -> _Encoder:
-    enc = _ENCODERS.get(path)
+    """The cached tokenizer of this worker process; reloaded if its files changed since."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+    key = path + repr([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    enc = _ENCODERS.get(key)
     if enc is None:
-        enc = _ENCODERS[path] = _Encoder(path)
+        enc = _ENCODERS[key] = _Encoder(path)
     return enc
 
 
