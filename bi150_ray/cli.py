@@ -198,8 +198,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from bi150_ray.plan import make_plan
 
     plan = make_plan(config.load(args.config, args.runtime, **_runtime_overrides(args)))
-    opts = doctor.DoctorOptions(clock_tolerance_s=args.clock_tolerance, collective=not args.no_collective,
-                                collective_mb=args.mb, min_bandwidth_mb_s=args.min_bandwidth, ixsmi=args.ixsmi)
+    given = {"clock_tolerance_s": args.clock_tolerance, "collective_mb": args.mb, "min_bandwidth_mb_s": args.min_bandwidth,
+             "ixsmi": args.ixsmi}  # unset flags keep DoctorOptions' defaults
+    opts = doctor.DoctorOptions(collective=not args.no_collective, **{k: v for k, v in given.items() if v is not None})
     doctor.connect()
     report = doctor.run_doctor(plan, opts)
     rt = plan.job.runtime
@@ -289,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--run-name")
     dr.add_argument("--json", action="store_true")
     dr.add_argument("--no-collective", action="store_true", help="skip the all-reduce and bandwidth test")
-    dr.add_argument("--mb", type=float, default=4.0, help="MB per send/recv between each pair of nodes")
-    dr.add_argument("--min-bandwidth", type=float, default=0.0, help="MB/s below which a node pair is no-go")
-    dr.add_argument("--clock-tolerance", type=float, default=2.0, help="seconds a node's clock may differ from the head's")
-    dr.add_argument("--ixsmi", default="ixsmi")
+    dr.add_argument("--mb", type=float, help="MB per send/recv between each pair of nodes (default 4)")
+    dr.add_argument("--min-bandwidth", type=float, help="MB/s below which a node pair is no-go (default: report only)")
+    dr.add_argument("--clock-tolerance", type=float, help="seconds a node's clock may differ from the head's (default 2)")
+    dr.add_argument("--ixsmi", help="ixsmi command on the nodes (default: ixsmi on PATH, or $BI150_IXSMI)")
     dr.set_defaults(func=_cmd_doctor)
 
     dp = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)

@@ -60,6 +60,11 @@ class RuntimeConfig:
     max_app_restarts: int = 0  # relaunches after a rank exits non-zero
     max_infra_restarts: int = 3  # relaunches after an actor or node dies
     max_hang_restarts: int = 1
+    # Pre-flight at job start (bi150_ray/doctor.py): devices, versions, interface, storage, clocks
+    # on every node, ~1 s. The collective test (all-reduce + MB/s per node pair) starts every rank
+    # once more (~10 s on the CPU demo), so it is opt-in here; `bi150-ray doctor` runs it by default.
+    preflight: bool = True
+    preflight_collective: bool = False
 
     @property
     def world_size(self) -> int:

@@ -94,6 +94,10 @@ class PretrainJob:
         self._say(self._describe_plan())
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        if rt.preflight:  # stop a bad cluster before any rank starts (PreflightError lists each fix)
+            from bi150_ray import doctor
+
+            doctor.preflight(plan, self._say, collective=rt.preflight_collective)
 
         roots = tuple(sorted({plan.results_dir} | {plan.node_paths(s.node_index).run_dir for s in plan.slots}))
         record = RunRecord.open(
