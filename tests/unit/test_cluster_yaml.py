@@ -283,7 +283,8 @@ def node(tmp_path: Path) -> dict:
     ray.write_text(
         f"#!{sys.executable}\n"
         "import json, os, sys\n"
-        "keys = ('RAY_AUTH_MODE', 'NCCL_SOCKET_IFNAME', 'NCCL_IB_HCA', 'FLAGS_enable_ixdnn_attn', 'RAY_HEAD_IP')\n"
+        "keys = ('RAY_AUTH_MODE', 'NCCL_SOCKET_IFNAME', 'NCCL_IB_HCA', 'FLAGS_enable_ixdnn_attn', 'RAY_HEAD_IP',\n"
+        "        'RAY_enable_autoscaler_v2')\n"
         "with open(os.path.expanduser('~/ray-calls.jsonl'), 'a') as f:\n"
         "    f.write(json.dumps({'argv': sys.argv[1:], 'env': {k: os.environ.get(k) for k in keys}}) + '\\n')\n",
         encoding="utf-8",
@@ -377,6 +378,8 @@ def test_head_starts_with_the_ixsmi_count_token_auth_and_vendor_env(cfg: dict, n
         "NCCL_IB_HCA": snippet_setting(cfg, "NCCL_IB_HCA"),
         "FLAGS_enable_ixdnn_attn": "true",
         "RAY_HEAD_IP": None,
+        # Not the launcher's 1: autoscaler v2 on the local provider never starts the last worker.
+        "RAY_enable_autoscaler_v2": "0",
     }
 
 
