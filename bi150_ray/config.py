@@ -60,6 +60,9 @@ class RuntimeConfig:
     max_app_restarts: int = 0  # relaunches after a rank exits non-zero
     max_infra_restarts: int = 3  # relaunches after an actor or node dies
     max_hang_restarts: int = 1
+    # Resume even when the global batch, data-parallel world, prefixes, split, seq_length or seed
+    # changed since the checkpoint, so data would be skipped, repeated or re-dealt (data/plan.py).
+    allow_data_skew_on_resume: bool = False
     # Pre-flight at job start (bi150_ray/doctor.py): devices, versions, interface, storage, clocks
     # on every node, ~1 s. The collective test (all-reduce + MB/s per node pair) starts every rank
     # once more (~10 s on the CPU demo), so it is opt-in here; `bi150-ray doctor` runs it by default.

@@ -200,6 +200,8 @@ class PretrainJob:
                 self._say(f"checkpoint-{resume_step} already reaches max_steps: nothing to train")
                 attempt.cause = "already complete"
                 return None
+            if resume_step is not None:  # refuse a resume that would skip or repeat data (unless opted in)
+                self._check_resume_data(record, resume_step)
             ray.get([
                 w.write_file.remote(plan.node_paths(node).args_path, json.dumps(plan.rank_args(node, resume_step), indent=1))
                 for node, w in self._node_workers.items()
@@ -343,6 +345,7 @@ class PretrainJob:
                                    "nodes": sorted(holders), "manifest": manifest,
                                    # node -> its checkpoint folder: where `bi150-ray gather RUN --step N` looks
                                    "folders": {str(n): os.path.join(self.plan.node_paths(n).output_dir, name) for n in sorted(holders)}})
+        record.checkpoints[-1]["data"] = self._resume_keys()  # what its data position depends on
 
     def _ship_data_plan(self, node0_id: str) -> dict[str, Any] | None:
         """Build the sample plan once on node 0 and install its index files on every node."""
@@ -405,6 +408,27 @@ class PretrainJob:
         ray.get(copies)
         self._say(f"resuming from {name} (complete on every node; {len(copies)} metadata file copies)")
         return step
+
+    def _resume_keys(self) -> dict[str, Any]:
+        from bi150_ray.data import plan as data_plan
+
+        return data_plan.resume_keys(self.plan.rank_args(0), self.plan.degrees.dataset_world_size)
+
+    def _check_resume_data(self, record: RunRecord, step: int) -> None:
+        """Compare checkpoint-<step>'s data position (its trainer_state.json and the keys the run
+        record kept with it) with this job's arguments; refused unless allow_data_skew_on_resume."""
+        import ray
+
+        from bi150_ray.data import plan as data_plan
+
+        node = self._node_of_rank()[0]
+        folder = os.path.join(self.plan.node_paths(node).output_dir, f"checkpoint-{step}")
+        state = json.loads(ray.get(self._node_workers[node].read_bytes.remote(os.path.join(folder, "trainer_state.json"))))
+        recorded = next((c.get("data") for c in reversed(record.checkpoints) if c.get("global_step") == step), None)
+        allow = self.job.runtime.allow_data_skew_on_resume
+        _, problems = data_plan.check_resume_data(folder, state, recorded, self._resume_keys(), allow=allow)
+        if problems:
+            self._say(f"warning: resuming from {folder} anyway (allow_data_skew_on_resume): {'; '.join(problems)}")
 
     def _rank_failure(self, workers: list, states: list[_RankState], failed: list[int]) -> _Failure:
         """A rank that exited non-zero is an application failure; one killed by a signal from

@@ -297,3 +297,58 @@ def dump_first(plans, prefixes: list, k: int, out_dir: str) -> list[str]:
         np.save(path, np.stack(rows).astype(np.int64))
         written.append(path)
     return written
+
+
+def resume_keys(args: Mapping[str, Any], dataset_world_size: int) -> dict[str, Any]:
+    """What the data position of a checkpoint depends on; kept with each confirmed checkpoint in
+    the run record, so a later resume can be compared against it."""
+    return {
+        "per_device_train_batch_size": int(args.get("per_device_train_batch_size", 8)),
+        "gradient_accumulation_steps": int(args.get("gradient_accumulation_steps", 1)),
+        "dataset_world_size": int(dataset_world_size),
+        "data_prefix": str(args["input_dir"]),
+        "split": str(args.get("split", "949,50,1")),
+        "seq_length": int(args.get("max_seq_length", 1024)),
+        "seed": int(args.get("seed", 42)),
+    }
+
+
+def check_resume_data(
+    checkpoint: str,
+    trainer_state: Mapping[str, Any],
+    recorded: Mapping[str, Any] | None,
+    new: Mapping[str, Any],
+    *,
+    allow: bool,
+) -> tuple[int, list[str]]:
+    """(consumed_samples the trainer restarts from, problems) for resuming from ``checkpoint``.
+
+    Refuses (``DataInputError`` naming the checkpoint and the changed keys) a resume that would
+    skip, repeat or re-deal training data, unless ``allow``. Two sources: the keys recorded with
+    the checkpoint (``resume_keys``; catches global batch, data-parallel world, prefix, split,
+    seq_length and seed changes) and, always, the checkpoint's own ``trainer_state.json``
+    ``consumed_samples`` against ``global_step * B * G * R`` of the new arguments (catches a
+    changed global batch even when the run record is gone).
+    """
+    step = int(trainer_state["global_step"])
+    new = {**new, "global_step": step}
+    problems: list[str] = []
+    if recorded and all(k in recorded for k in samples._BATCH_KEYS):
+        resumed, problems = samples.resume_problems(recorded, new)
+    else:
+        resumed = samples.consumed_samples(step, *(int(new[k]) for k in samples._BATCH_KEYS))
+    read = trainer_state.get("consumed_samples")
+    if read is not None and int(read) != resumed and not any(p.startswith("global batch") for p in problems):
+        how = "skip" if resumed > int(read) else "repeat"
+        keys = ", ".join(f"{k}={new[k]}" for k in samples._BATCH_KEYS)
+        problems.append(
+            f"trainer_state.json says {read} samples were read by step {step}, but with {keys} the trainer "
+            f"would restart at {resumed}, so it would {how} {abs(resumed - int(read))} samples"
+        )
+    if problems and not allow:
+        raise DataInputError(
+            f"{checkpoint}: resuming would not continue the same data stream: {'; '.join(problems)}. "
+            "Restore those keys, start a new run (another run name or results dir), or set "
+            "allow_data_skew_on_resume: true in the runtime config to resume anyway"
+        )
+    return resumed, problems

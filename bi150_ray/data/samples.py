@@ -58,6 +58,7 @@ __all__ = [
     "load_blend_cache",
     "load_cache",
     "rank_batches",
+    "resume_problems",
     "save_blend_cache",
     "save_cache",
     "split_ranges",
@@ -1012,17 +1013,15 @@ _BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "da
 _PLAN_KEYS = ("data_prefix", "split", "seq_length", "seed", "train_num_epochs", "train_separate_last_epoch")
 
 
-def check_resume(prev: Mapping[str, Any], new: Mapping[str, Any], *, allow_change: bool = False) -> int:
-    """Refuse a resume that would silently skip, repeat or reorder training data; return the
-    ``consumed_samples`` the trainer will restart from.
+def resume_problems(prev: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """(``consumed_samples`` the trainer will restart from, what would go wrong with the data).
 
     The trainer recomputes ``consumed = global_step * B * G * R`` from the *new* arguments, so a
     changed global batch moves the start away from what was actually read; a changed data-parallel
     world re-deals every later micro-batch and changes the eval/test targets. ``prev`` and ``new``
     hold the ``_BATCH_KEYS`` (``global_step`` in either); when both hold plan keys (prefixes,
     split, seq_length, seed, the train split's epoch count and separate-last-epoch flag) those
-    must match too, since any of them changes the sample order. ``allow_change`` only skips the
-    raising.
+    must match too, since any of them changes the sample order.
     """
     for key in _BATCH_KEYS:
         for which, d in (("previous", prev), ("new", new)):
@@ -1036,8 +1035,9 @@ def check_resume(prev: Mapping[str, Any], new: Mapping[str, Any], *, allow_chang
     problems = []
     if resumed != actual:  # a changed global batch, unless nothing was read yet
         how = "skip" if resumed > actual else "repeat"
+        changed = ", ".join(f"{k} {prev[k]} -> {new[k]}" for k in _BATCH_KEYS if int(prev[k]) != int(new[k]))
         problems.append(
-            f"global batch changed from {gb_prev} to {gb_new} samples (B*G*R): at step {step} the run has read "
+            f"global batch changed from {gb_prev} to {gb_new} samples ({changed}): at step {step} the run has read "
             f"{actual} samples but would restart at {resumed}, so it would {how} {abs(resumed - actual)} samples"
         )
     if int(prev["dataset_world_size"]) != int(new["dataset_world_size"]):
@@ -1050,6 +1050,14 @@ def check_resume(prev: Mapping[str, Any], new: Mapping[str, Any], *, allow_chang
             problems.append(
                 f"{key} changed from {prev[key]!r} to {new[key]!r}: the sample plan and its order differ"
             )
+    return resumed, problems
+
+
+def check_resume(prev: Mapping[str, Any], new: Mapping[str, Any], *, allow_change: bool = False) -> int:
+    """Refuse a resume that would silently skip, repeat or reorder training data (see
+    ``resume_problems``); return the ``consumed_samples`` the trainer will restart from.
+    ``allow_change`` only skips the raising."""
+    resumed, problems = resume_problems(prev, new)
     if problems and not allow_change:
         raise ValueError(
             "resume would not continue the same data stream: "

@@ -164,6 +164,28 @@ def test_rerunning_the_same_job_resumes_from_its_last_checkpoint(sim_cluster, de
     assert [s["global_step"] for s in rec["steps"]] == list(range(1, 61))
 
 
+def test_resume_with_a_changed_global_batch_is_refused_naming_keys_and_checkpoint(sim_cluster, demo_cfg):
+    from bi150_ray.data.plan import DataInputError
+
+    data = json.load(open(demo_cfg))
+    data["per_device_train_batch_size"] = 2 * data["per_device_train_batch_size"]  # same run_name "demo"
+    data["max_steps"] = 80  # checkpoint-60 is not the end, so the resume reaches the data check
+    changed = os.path.join(os.path.dirname(demo_cfg), "demo-bigger-batch.json")
+    with open(changed, "w") as fh:
+        json.dump(data, fh)
+    job = PretrainJob(config.load(changed))
+    with pytest.raises(DataInputError) as e:
+        job.run()
+    msg = str(e.value)
+    assert msg.startswith(os.path.join(job.plan.node_paths(0).output_dir, "checkpoint-60") + ": "), msg
+    # 4 data ranks (2 nodes x 2 devices, sharding 2): read 60 x 4 x 4 = 960, would restart at 60 x 8 x 4
+    assert "per_device_train_batch_size 4 -> 8" in msg and "skip 960 samples" in msg
+    assert "allow_data_skew_on_resume" in msg
+    rec = json.load(open(os.path.join(job.plan.results_dir, "run_record.json")))
+    assert rec["checkpoints"][-1]["data"]["per_device_train_batch_size"] == 4  # kept with the checkpoint
+    assert [s["global_step"] for s in rec["steps"]] == list(range(1, 61))  # nothing trained
+
+
 def test_gang_that_does_not_fit_fails_fast_saying_what_is_missing(sim_cluster, demo_cfg):
     job = config.load(demo_cfg, nodes=3, placement_timeout_s=3.0, run_name="too-big")
     t0 = time.time()

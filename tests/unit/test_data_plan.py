@@ -201,3 +201,52 @@ def test_stale_index_cache_beside_the_corpus(tmp_path):
     # the corpus rewritten at the same path (same md5 names): its old cache no longer matches
     _bad_case(tmp_path, [31] * 50)
     _refused(args, tmp_path, "stale index cache", paths["doc"].replace("_doc_idx", "_sample_idx"))
+
+
+# --------------------------------------------------------------------------------------------
+# Resume: refused when data would be skipped, repeated or re-dealt, unless opted in
+# --------------------------------------------------------------------------------------------
+
+_ARGS = {"input_dir": "/data/c", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+         "max_seq_length": 128, "seed": 7, "split": "949,50,1"}
+
+
+def test_resume_with_the_same_data_stream_is_accepted():
+    keys = data_plan.resume_keys(_ARGS, 4)
+    assert keys["dataset_world_size"] == 4 and keys["data_prefix"] == "/data/c"
+    state = {"global_step": 10, "consumed_samples": 10 * 2 * 4 * 4}
+    assert data_plan.check_resume_data("/ckpt/checkpoint-10", state, keys, keys, allow=False) == (320, [])
+    # no record entry (older run, deleted record): trainer_state.json alone agrees too
+    assert data_plan.check_resume_data("/ckpt/checkpoint-10", state, None, keys, allow=False) == (320, [])
+
+
+@pytest.mark.parametrize(
+    ("change", "world", "message"),
+    [
+        ({"per_device_train_batch_size": 4}, 4, r"per_device_train_batch_size 2 -> 4.*skip 320 samples"),
+        ({"gradient_accumulation_steps": 2}, 4, r"gradient_accumulation_steps 4 -> 2.*repeat 160 samples"),
+        ({"gradient_accumulation_steps": 8}, 2, r"data-parallel world changed from 4 to 2"),  # same global batch
+        ({"seed": 8}, 4, "seed changed from 7 to 8"),
+        ({"input_dir": "/data/other"}, 4, "data_prefix changed"),
+    ],
+)
+def test_resume_that_moves_the_data_is_refused_unless_allowed(change, world, message):
+    prev = data_plan.resume_keys(_ARGS, 4)
+    new = data_plan.resume_keys({**_ARGS, **change}, world)
+    state = {"global_step": 10, "consumed_samples": 320}
+    with pytest.raises(data_plan.DataInputError, match=message) as err:
+        data_plan.check_resume_data("/ckpt/checkpoint-10", state, prev, new, allow=False)
+    text = str(err.value)
+    assert text.startswith("/ckpt/checkpoint-10: ") and "allow_data_skew_on_resume" in text and "\n" not in text
+    resumed, problems = data_plan.check_resume_data("/ckpt/checkpoint-10", state, prev, new, allow=True)
+    assert problems and resumed == 10 * new["per_device_train_batch_size"] * new["gradient_accumulation_steps"] * world
+
+
+def test_resume_checked_from_trainer_state_when_the_record_has_no_keys():
+    new = data_plan.resume_keys({**_ARGS, "per_device_train_batch_size": 1}, 4)
+    state = {"global_step": 10, "consumed_samples": 320}  # what the checkpoint actually read
+    with pytest.raises(data_plan.DataInputError, match=r"trainer_state.json says 320 .* repeat 160 samples"):
+        data_plan.check_resume_data("/ckpt/checkpoint-10", state, None, new, allow=False)
+    # a record entry from before this feature (no keys) falls back the same way
+    with pytest.raises(data_plan.DataInputError, match="trainer_state.json says 320"):
+        data_plan.check_resume_data("/ckpt/checkpoint-10", state, {}, new, allow=False)
