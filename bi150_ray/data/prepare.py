@@ -317,7 +317,8 @@ class _Encoder:
             import sentencepiece as spm
 
             try:
-                sp = spm.SentencePieceProcessor(model_file=path)
+                # One thread: a task holds one CPU (batch encode would otherwise use every core).
+                sp = spm.SentencePieceProcessor(model_file=path, num_threads=1)
             except (OSError, RuntimeError) as exc:
                 raise PrepareError(f"{path}: not a sentencepiece model ({exc})") from exc
             self._sp = sp
