@@ -133,6 +133,14 @@ class PretrainJob:
                     )
                 budgets[failure.kind] -= 1
                 self._say(f"{failure.kind} failure: {failure.message.splitlines()[0]}; relaunching from the last checkpoint")
+        except RunFailed:
+            raise
+        except Exception as exc:  # refused before/while launching (data plan, resume check, gang) or a driver bug
+            record.status = "failed"
+            last = record.attempts[-1]
+            last.outcome, last.cause, last.ended = "error", f"{type(exc).__name__}: {exc}", time.time()
+            record.save()
+            raise
         except KeyboardInterrupt:
             record.status = "interrupted"
             record.attempts[-1].outcome = "interrupted"

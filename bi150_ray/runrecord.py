@@ -19,7 +19,7 @@ class Attempt:
     number: int
     started: float
     ended: float | None = None
-    outcome: str = "running"  # running | succeeded | application | infrastructure | hang | interrupted
+    outcome: str = "running"  # running | succeeded | application | infrastructure | hang | interrupted | error
     cause: str = ""
     nodes: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None

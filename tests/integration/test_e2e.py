@@ -208,3 +208,6 @@ def test_missing_corpus_is_refused_before_any_rank_starts(sim_cluster, demo_cfg,
         job.run()
     assert "empty: no corpus" in str(e.value) and str(bad) in str(e.value)
     assert not os.path.exists(job.plan.node_paths(0).worker_log(0))  # no rank was started
+    rec = json.load(open(os.path.join(job.plan.results_dir, "run_record.json")))
+    assert rec["status"] == "failed" and rec["attempts"][-1]["outcome"] == "error"
+    assert "DataPlanError" in rec["attempts"][-1]["cause"]
