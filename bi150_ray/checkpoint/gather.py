@@ -135,8 +135,12 @@ def verify_gathered(out_dir: str) -> dict[str, Any]:
         raise GatherError(f"{out_dir}: no completion marker; the gather did not finish")
     with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as fh:
         manifest = json.load(fh)
-    for entry in manifest["files"]:
-        path = os.path.join(out_dir, entry["file"])
-        if sha256_file(path) != entry["sha256"]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [os.path.join(out_dir, entry["file"]) for entry in manifest["files"]]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # sha256 releases the GIL: files hash side by side
+        found = list(pool.map(sha256_file, paths))
+    for path, entry, digest in zip(paths, manifest["files"], found, strict=True):
+        if digest != entry["sha256"]:
             raise GatherError(f"{path}: sha256 does not match the manifest")
     return manifest

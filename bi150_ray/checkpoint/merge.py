@@ -27,18 +27,19 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bi150_ray.checkpoint.gather import COMPLETE_MARKER, INDEX, MANIFEST, SIDE_FILES
-from bi150_ray.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+_IO_THREADS = 4  # parallel shard reads; file I/O, memcpy and sha256 release the GIL
 # Pickle bookkeeping entry paddle.save adds to state dicts; not a tensor.
 _STRUCTURED_KEY = "StructuredToParameterName@@"
 _LAYER_RE = re.compile(r"^llama\.layers\.(\d+)\.(.+)$")
@@ -238,10 +239,13 @@ def _merge_key(key: str, parts: list[np.ndarray], paths: list[str], action) -> n
     return parts[0]
 
 
-def _digest(value: np.ndarray) -> bytes:
-    h = hashlib.blake2b(f"{value.dtype.str}{value.shape}".encode(), digest_size=16)
-    h.update(memoryview(np.ascontiguousarray(value)).cast("B"))
-    return h.digest()
+def _load_stage(shards: ShardSet, pp_rank: int) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+    """All tp shards of one pp stage, read in parallel (file reads and copies release the GIL)."""
+    paths = [shards.path(t, pp_rank) for t in range(shards.tp)]
+    if len(paths) == 1:
+        return paths, [_load_shard(paths[0])]
+    with ThreadPoolExecutor(max_workers=min(len(paths), _IO_THREADS)) as pool:
+        return paths, list(pool.map(_load_shard, paths))
 
 
 def _expected_shape(key: str, cfg) -> tuple[int, ...] | None:
@@ -303,51 +307,61 @@ def _check_all_layers(seen: Mapping[str, str], cfg, shards: ShardSet) -> None:
 
 
 def iter_merged(shards: ShardSet, config: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield merged full tensors one pp stage at a time, so at most one stage is held in memory.
+    """Yield merged full tensors one pp stage at a time, so at most two stages are held in memory.
 
-    Completeness (all layers, embedding, norm, lm_head) is checked after the last stage, so a
-    consumer must treat its output as unfinished until the generator is exhausted.
+    The next stage is read in the background while this one is merged and written. Completeness
+    (all layers, embedding, norm, lm_head) is checked after the last stage, so a consumer must treat
+    its output as unfinished until the generator is exhausted.
     """
     cfg = _llama_config(config, shards.tp)
-    seen: dict[str, str] = {}
-    digests: dict[str, bytes] = {}
-    for pp_rank in range(shards.pp):
-        paths = [shards.path(t, pp_rank) for t in range(shards.tp)]
-        states = [_load_shard(path) for path in paths]
-        for path, state in zip(paths[1:], states[1:], strict=True):
-            diff = set(states[0]) ^ set(state)
-            if diff:
-                key = sorted(diff)[0]
-                holder, lacker = (paths[0], path) if key in states[0] else (path, paths[0])
-                raise MergeError(f"{lacker}: lacks {key} that {os.path.basename(holder)} has")
-        actions = _merge_actions(cfg, states[0]) if shards.tp > 1 else {}
-        for key in list(states[0]):
-            m = _LAYER_RE.match(key)
-            if m and int(m.group(1)) >= cfg.num_hidden_layers:
-                raise MergeError(
-                    f"{paths[0]}: has {key} but config.num_hidden_layers is {cfg.num_hidden_layers}"
-                )
-            parts = [state.pop(key) for state in states]
-            value = _merge_key(key, parts, paths, actions.get(key))
-            del parts
-            digest = _digest(value)
-            if key in seen:
-                if digests[key] != digest:
+    seen: dict[str, int] = {}  # key -> pp stage that gave it
+    actions: dict[str, Any] | None = None
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        pending = prefetch.submit(_load_stage, shards, 0)
+        for pp_rank in range(shards.pp):
+            paths, states = pending.result()
+            if pp_rank + 1 < shards.pp:
+                pending = prefetch.submit(_load_stage, shards, pp_rank + 1)
+            for path, state in zip(paths[1:], states[1:], strict=True):
+                diff = set(states[0]) ^ set(state)
+                if diff:
+                    key = sorted(diff)[0]
+                    holder, lacker = (paths[0], path) if key in states[0] else (path, paths[0])
+                    raise MergeError(f"{lacker}: lacks {key} that {os.path.basename(holder)} has")
+            actions = _merge_actions(cfg, states[0]) if shards.tp > 1 else {}
+            for key in list(states[0]):
+                m = _LAYER_RE.match(key)
+                if m and int(m.group(1)) >= cfg.num_hidden_layers:
                     raise MergeError(
-                        f"{paths[0]}: {key} is also in {seen[key]} with different values (pp stages overlap)"
+                        f"{paths[0]}: has {key} but config.num_hidden_layers is {cfg.num_hidden_layers}"
                     )
-                continue
-            want = _expected_shape(key, cfg)
-            if want is not None and tuple(value.shape) != want:
-                raise MergeError(
-                    f"{paths[0]}: {key} merges to {list(value.shape)} but the "
-                    f"config implies {list(want)} (wrong config, or tp shards missing?)"
-                )
-            seen[key] = os.path.basename(paths[0])
-            digests[key] = digest
-            yield key, value
-        del states
-    _check_all_layers(seen, cfg, shards)
+                parts = [state.pop(key) for state in states]
+                value = _merge_key(key, parts, paths, actions.get(key))
+                del parts
+                if key in seen:
+                    # Rare (a layer saved by two stages): merge it again from the first stage to compare.
+                    _check_same_as_before(key, value, seen[key], shards, cfg, paths[0])
+                    continue
+                want = _expected_shape(key, cfg)
+                if want is not None and tuple(value.shape) != want:
+                    raise MergeError(
+                        f"{paths[0]}: {key} merges to {list(value.shape)} but the "
+                        f"config implies {list(want)} (wrong config, or tp shards missing?)"
+                    )
+                seen[key] = pp_rank
+                yield key, value
+            del states
+    _check_all_layers({k: shards.files[(0, p)] for k, p in seen.items()}, cfg, shards)
+
+
+def _check_same_as_before(key: str, value: np.ndarray, first_stage: int, shards: ShardSet, cfg, where: str) -> None:
+    paths, states = _load_stage(shards, first_stage)
+    actions = _merge_actions(cfg, [key]) if shards.tp > 1 else {}
+    before = _merge_key(key, [s[key] for s in states], paths, actions.get(key))
+    if before.shape != value.shape or before.dtype != value.dtype or not np.array_equal(before, value):
+        raise MergeError(
+            f"{where}: {key} is also in {os.path.basename(paths[0])} with different values (pp stages overlap)"
+        )
 
 
 def merge_state(
@@ -392,9 +406,59 @@ def _to_safetensors(value: np.ndarray) -> np.ndarray:
         import ml_dtypes
 
         value = value.view(ml_dtypes.bfloat16)
+    if value.dtype.byteorder == ">":
+        value = value.astype(value.dtype.newbyteorder("<"))
     return np.ascontiguousarray(value)
 
 
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format: 8-byte little-endian
+# header length, JSON header with dtype/shape/data_offsets, then the tensors' bytes back to back).
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+    "uint8": "U8", "bool": "BOOL",
+}
+
+
+def _bytes_of(value: np.ndarray) -> memoryview:
+    return memoryview(value.reshape(-1).view(np.uint8))
+
+
+def _sha256_parts(parts: list[memoryview]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)  # releases the GIL: runs beside the file write
+    return h.hexdigest()
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
+    """Write a safetensors file straight from the arrays' memory and return its sha256.
+
+    safetensors.numpy.save_file first copies every tensor into a bytes object and cannot hash on
+    the way; this writes the same format (loaded back by safetensors in the tests) without the copy,
+    hashing the bytes in a second thread while they are written, so no read-back pass is needed.
+    Tensors are laid out like the Rust writer: larger dtypes first, then by name.
+    """
+    order = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in order:
+        value = tensors[name]
+        if value.dtype.name not in _ST_DTYPES:
+            raise MergeError(f"tensor {name}: dtype {value.dtype} has no safetensors equivalent")
+        header[name] = {"dtype": _ST_DTYPES[value.dtype.name], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # keeps the tensor data 8-byte aligned
+    parts = [memoryview(len(head).to_bytes(8, "little")), memoryview(head)]
+    parts += [_bytes_of(tensors[name]) for name in order]
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        digest = hasher.submit(_sha256_parts, parts)
+        with open(path, "wb") as fh:
+            for part in parts:
+                fh.write(part)
+        return digest.result()
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -415,15 +479,18 @@ def write_model_dir(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_files: Mapping[str, bytes] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    finalize_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    st_format: str = "np",
 ) -> str:
     """Write a from_pretrained-loadable sharded safetensors dir, each shard as soon as it fills.
+
+    `finalize_config` turns `config_dict` into the config.json written (default: the PaddleNLP
+    single-model config); `st_format` is the safetensors "format" metadata (transformers wants "pt").
 
     `state` may be a dict or a (name, array) stream such as iter_merged(); if the stream raises, the
     temporary directory is removed and `out_dir` is not created. The manifest and completion marker
     follow gather.py, so gather.verify_gathered() checks a merged directory too.
     """
-    from safetensors.numpy import save_file
-
     if max_shard_bytes <= 0:
         raise ValueError("max_shard_bytes must be positive")
     out_dir = os.path.abspath(out_dir)
@@ -431,6 +498,8 @@ def write_model_dir(
     tmp = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    # One shard is written (and hashed) in the background while the next one is merged.
+    writer = ThreadPoolExecutor(max_workers=1)
     try:
         items = state.items() if isinstance(state, Mapping) else state
         part_of: dict[str, int] = {}
@@ -438,11 +507,21 @@ def write_model_dir(
         buf_bytes = 0
         total = 0
         parts = 0
+        digests: dict[int, str] = {}
+        inflight: tuple[int, Future] | None = None
+
+        def drain() -> None:
+            nonlocal inflight
+            if inflight is not None:
+                digests[inflight[0]] = inflight[1].result()
+                inflight = None
 
         def flush() -> None:
-            nonlocal buf, buf_bytes, parts
+            nonlocal buf, buf_bytes, parts, inflight
+            drain()  # at most one shard in flight bounds memory to two shards
             parts += 1
-            save_file(buf, os.path.join(tmp, f"part-{parts:05d}.safetensors"), metadata={"format": "np"})
+            path = os.path.join(tmp, f"part-{parts:05d}.safetensors")
+            inflight = (parts, writer.submit(write_safetensors, path, buf, {"format": st_format}))
             for name in buf:
                 part_of[name] = parts
             buf, buf_bytes = {}, 0
@@ -458,6 +537,7 @@ def write_model_dir(
             total += value.nbytes
         if buf:
             flush()
+        drain()
         if not part_of:
             raise MergeError("no tensors to write")
 
@@ -470,14 +550,14 @@ def write_model_dir(
         }
         small = dict(extra_files or {})
         small[INDEX] = json.dumps(index, indent=2).encode()
-        small["config.json"] = json.dumps(single_model_config(config_dict), indent=2, sort_keys=True).encode()
+        small["config.json"] = json.dumps((finalize_config or single_model_config)(config_dict), indent=2, sort_keys=True).encode()
         for name, data in small.items():
             with open(os.path.join(tmp, name), "wb") as fh:
                 fh.write(data)
+        sha = {files[i]: d for i, d in digests.items()} | {n: hashlib.sha256(d).hexdigest() for n, d in small.items()}
         entries = []
-        for name in sorted(list(files.values()) + list(small)):
-            path = os.path.join(tmp, name)
-            entries.append({"file": name, "size": os.path.getsize(path), "sha256": sha256_file(path)})
+        for name in sorted(sha):
+            entries.append({"file": name, "size": os.path.getsize(os.path.join(tmp, name)), "sha256": sha[name]})
         manifest = {"created": time.time(), "files": entries, **(provenance or {})}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
@@ -485,8 +565,11 @@ def write_model_dir(
             fh.write("ok\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
+        writer.shutdown(wait=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        writer.shutdown(wait=True)
     return out_dir
 
 
@@ -498,7 +581,7 @@ def merge_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     provenance: Mapping[str, Any] | None = None,
 ) -> str:
-    """Checkpoint folder -> loadable model dir, streaming stage by stage (13B pp8: ~1 stage + 1 shard in RAM).
+    """Checkpoint folder -> loadable model dir, streaming stage by stage (13B pp8: ~2 stages + 2 output shards in RAM).
 
     Tokenizer and generation files next to the shards are copied so the output stands alone.
     """

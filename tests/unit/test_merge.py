@@ -337,3 +337,32 @@ def test_writer_cleans_up_when_the_stream_fails(tmp_path):
         merge.write_model_dir(stream(), {}, str(out), max_shard_bytes=1000)
     assert list(tmp_path.iterdir()) == []
     assert not os.path.exists(out / COMPLETE_MARKER)
+
+
+def test_safetensors_writer_is_read_back_by_the_library_and_hashed_right(tmp_path):
+    """merge.write_safetensors (no-copy, hash-while-writing) against safetensors' own reader."""
+    import ml_dtypes
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from bi150_ray.hashing import sha256_file
+
+    tensors = {
+        "w": np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32),
+        "h": np.arange(7, dtype=np.float32).astype(ml_dtypes.bfloat16),
+        "f": np.linspace(0, 1, 4, dtype=np.float16),
+        "i": np.array(42, dtype=np.int64),
+        "z": np.zeros((0, 4), np.float32),
+        "t": np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)).T,  # a non-contiguous view
+    }
+    path = str(tmp_path / "x.safetensors")
+    tensors = {k: merge._to_safetensors(v) for k, v in tensors.items()}
+    digest = merge.write_safetensors(path, tensors, {"format": "np"})
+    assert digest == sha256_file(path)
+    back = load_file(path)
+    assert sorted(back) == sorted(tensors)
+    for key, value in tensors.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
+        assert np.array_equal(back[key].view(np.uint8), value.view(np.uint8)), key
+    with safe_open(path, "np") as fh:
+        assert fh.metadata() == {"format": "np"}
