@@ -64,8 +64,9 @@ class RuntimeConfig:
     # changed since the checkpoint, so data would be skipped, repeated or re-dealt (data/plan.py).
     allow_data_skew_on_resume: bool = False
     # Pre-flight at job start (bi150_ray/doctor.py): devices, versions, interface, storage, clocks
-    # on every node, ~1 s. The collective test (all-reduce + MB/s per node pair) starts every rank
-    # once more (~10 s on the CPU demo), so it is opt-in here; `bi150-ray doctor` runs it by default.
+    # on every node, ~0.2 s once Ray's workers are up. The collective test (all-reduce + MB/s per
+    # node pair) starts every rank once more (10-30 s on the CPU demo), so it is opt-in here;
+    # `bi150-ray doctor` runs it by default.
     preflight: bool = True
     preflight_collective: bool = False
 
