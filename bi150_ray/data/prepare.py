@@ -63,6 +63,7 @@ __all__ = [
     "plan_shards",
     "prepare",
     "run",
+    "task_options",
     "tokenize_shard",
     "validate",
 ]
@@ -701,10 +702,30 @@ def run(cfg: PrepareConfig, address: str | None = None, num_cpus: int | None = N
         ray.shutdown()
 
 
+def task_options(cfg: PrepareConfig) -> dict[str, Any]:
+    """Ray options of the probe and shard tasks (the same, so the probe's warm worker is reused).
+
+    Nice 0: Ray starts workers at nice 15, which on a busy node gives a task a fraction of the CPU
+    a shell-started ``create_pretraining_data`` gets (the same trap as ranks; DESIGN-NOTES).
+    Without ``spread`` the tasks stay on the driver's node, where the input paths were checked.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: dict[str, Any] = {
+        "num_cpus": 1,
+        "max_retries": 0,
+        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
+    }
+    if not cfg.spread:
+        node = ray.get_runtime_context().get_node_id()
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return options
+
+
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Tokenize ``cfg.inputs`` into ``cfg.output_prefix``.bin/.idx on the connected Ray cluster."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -717,10 +738,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     if not ray.is_initialized():
         raise RuntimeError("prepare() needs a Ray connection (ray.init or local_ray())")
 
-    options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0}
-    if not cfg.spread:
-        node = ray.get_runtime_context().get_node_id()
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    options = task_options(cfg)
     probe = ray.remote(tokenizer_info).options(**options)
     task = ray.remote(tokenize_shard).options(**options)
 

@@ -66,6 +66,19 @@ def test_output_does_not_depend_on_worker_count_and_paddlenlp_reads_it(ray_addre
         assert np.array_equal(np.asarray(ds[i]), ours[i]) and ours[i][-1] == 2
 
 
+def test_tasks_run_at_nice_0_on_the_drivers_node(ray_address, corpus, tmp_path) -> None:
+    import ray
+
+    inputs, tok = corpus
+
+    def where() -> tuple[int, str]:
+        return os.nice(0), ray.get_runtime_context().get_node_id()
+
+    opts = prep.task_options(_cfg(inputs, tok, tmp_path / "o"))
+    assert ray.get(ray.remote(where).options(**opts).remote()) == (0, ray.get_runtime_context().get_node_id())
+    assert ray.get(ray.remote(lambda: os.nice(0)).options(num_cpus=1).remote()) == 15  # Ray's default
+
+
 def test_rerun_redoes_only_unfinished_shards(ray_address, corpus, tmp_path) -> None:
     inputs, tok = corpus
     sp = tok / SP_MODEL_FILE
