@@ -135,6 +135,14 @@ def _cmd_gather(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    """A gathered model dir -> Hugging Face LLaMA layout (transformers' LlamaForCausalLM)."""
+    from bi150_ray.checkpoint.hf_export import export_hf
+
+    print(export_hf(args.model, args.out))
+    return 0
+
+
 def _cmd_data_plan(args: argparse.Namespace) -> int:
     """The job's sample plan, built here exactly as PaddleNLP would (no cache written)."""
     from bi150_ray import config
@@ -341,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, help="expected tensor-parallel degree (default: from file names)")
     g.add_argument("--pp", type=int, help="expected pipeline-parallel degree (default: from file names)")
     g.set_defaults(func=_cmd_gather)
+
+    hf = sub.add_parser("export-hf", help="a gathered model dir -> Hugging Face LLaMA layout (transposed weights, HF config)")
+    hf.add_argument("model", help="a directory written by `bi150-ray gather` (or a run's results/model)")
+    hf.add_argument("--out", required=True)
+    hf.set_defaults(func=_cmd_export_hf)
 
     for name, func in (("status", _cmd_status), ("report", _cmd_report)):
         s = sub.add_parser(name, help=f"{name} of a run (its results dir or run_record.json)")
