@@ -15,7 +15,11 @@ trained locally, used either as a PaddleNLP tokenizer directory (`--kind paddlen
 recipe: `tokenize` + `convert_tokens_to_ids`) or as a bare `.model` file (`--kind sentencepiece`).
 
 Rounds rotate the order of the three runs. Reported: tokens/s per run, ratios to the baseline
-per round, medians, and the 1-minute load average around each run (other people's jobs).
+per round, medians, and the 1-minute load average around each run (other people's jobs). Also
+tokens per CPU-second of tokenizing (the loop's process time; the sum of the shard tasks' process
+times) and "CPUs busy" = those CPU-seconds / wall time: on an oversubscribed machine wall-clock
+ratios mostly measure the neighbours, while CPUs busy shows whether the two workers did run
+side by side.
 This is a benchmark, not a test: it asserts nothing about absolute times.
 
     python bench/prepare.py [--tokens 3000000] [--rounds 3] [--kind paddlenlp|sentencepiece|both]
@@ -55,12 +59,12 @@ def make_corpus(root: Path, tokens: int, tok_dir: Path) -> tuple[Path, int]:
     return path, passes * len(docs)
 
 
-def baseline(corpus: Path, tokenizer: str, out: str) -> tuple[int, float]:
-    """Single-process loop; returns (tokens, seconds), tokenizer load excluded."""
+def baseline(corpus: Path, tokenizer: str, out: str) -> tuple[int, float, float]:
+    """Single-process loop; returns (tokens, wall seconds, CPU seconds), tokenizer load excluded."""
     enc = prep._encoder(tokenizer)
     eos = enc.eos_id
     repeat = re.compile(r"(.)\1{100,}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with MMapWriter(out, best_dtype(enc.vocab_size)) as w, open(corpus, encoding="utf-8") as f:
         batch: list[str] = []
         for line in f:
@@ -74,14 +78,15 @@ def baseline(corpus: Path, tokenizer: str, out: str) -> tuple[int, float]:
             if ids:
                 w.add_document([*ids, eos])
         n = w.n_tokens
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def ray_run(corpus: Path, tokenizer: str, out: str, workers: int, shard_bytes: int) -> tuple[int, float]:
+def ray_run(corpus: Path, tokenizer: str, out: str, workers: int, shard_bytes: int) -> tuple[int, float, float]:
+    """(tokens, wall seconds, CPU seconds the shard tasks used)."""
     t0 = time.perf_counter()
     r = prep.prepare(prep.PrepareConfig(inputs=(str(corpus),), tokenizer=tokenizer, output_prefix=out,
                                         workers=workers, shard_bytes=shard_bytes, progress=False))
-    return r.n_tokens, time.perf_counter() - t0
+    return r.n_tokens, time.perf_counter() - t0, r.extra["task_cpu_seconds"]
 
 
 def main() -> int:
@@ -121,6 +126,8 @@ def main() -> int:
                 order = list(runs)
                 ratios: dict[str, list[float]] = {"ray1": [], "ray2": []}
                 rates: dict[str, list[float]] = {k: [] for k in runs}
+                per_cpu: dict[str, list[float]] = {k: [] for k in runs}
+                busy: dict[str, list[float]] = {k: [] for k in runs}
                 print(f"\n[{kind}]")
                 for rnd in range(args.rounds):
                     rate = {}
@@ -128,11 +135,14 @@ def main() -> int:
                     for name in order[rnd % 3:] + order[: rnd % 3]:
                         out = str(root / f"{kind}-{name}-{rnd}")
                         load0 = os.getloadavg()[0]
-                        n, secs = runs[name](out)
+                        n, secs, cpu = runs[name](out)
                         rate[name] = n / secs
                         rates[name].append(rate[name])
+                        per_cpu[name].append(n / cpu)
+                        busy[name].append(cpu / secs)
                         outputs[name] = out
-                        print(f"  round {rnd} {name:4s}: {n:,} tokens in {secs:6.2f} s = {rate[name]:>10,.0f} tok/s"
+                        print(f"  round {rnd} {name:4s}: {n:,} tokens in {secs:6.2f} s = {rate[name]:>10,.0f} tok/s;"
+                              f" {n / cpu:>9,.0f} tok per tokenizing CPU-s, {cpu / secs:.2f} CPUs busy"
                               f"  (load {load0:.2f} -> {os.getloadavg()[0]:.2f})")
                     for ext in (".bin", ".idx"):
                         blobs = {Path(o + ext).read_bytes() for o in outputs.values()}
@@ -147,6 +157,8 @@ def main() -> int:
                 summary[kind] = {
                     "tok_s_median": {k: round(v) for k, v in med.items()},
                     "ratio_median": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
+                    "tok_per_cpu_s_median": {k: round(statistics.median(v)) for k, v in per_cpu.items()},
+                    "cpus_busy_median": {k: round(statistics.median(v), 2) for k, v in busy.items()},
                     "ray2_over_ray1": round(statistics.median(
                         [a / b for a, b in zip(rates["ray2"], rates["ray1"], strict=True)]), 3),
                 }

@@ -514,6 +514,7 @@ def tokenize_shard(shard: Shard, cfg: PrepareConfig, settings: dict[str, Any], w
     so the driver can raise one clean PrepareError instead of a Ray traceback).
     """
     work_dir = Path(work)
+    cpu0 = time.process_time()
     try:
         enc = _encoder(cfg.tokenizer)
         eos = enc.eos_id
@@ -551,6 +552,7 @@ def tokenize_shard(shard: Shard, cfg: PrepareConfig, settings: dict[str, Any], w
         "n_tokens": n_tokens,
         "skipped_docs": skipped,
         "bin_bytes": (work_dir / f"{shard.name}.bin").stat().st_size,
+        "cpu_seconds": time.process_time() - cpu0,  # this process's CPU for the shard (benchmarks)
     }
     path = _marker_path(work_dir, shard)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
@@ -719,6 +721,12 @@ def task_options(cfg: PrepareConfig) -> dict[str, Any]:
     }
     if not cfg.spread:
         node = ray.get_runtime_context().get_node_id()
+        cpus = next((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+        if cpus < 1:  # the tasks would wait forever
+            raise PrepareError(
+                "the Ray node running this driver has no CPUs for tokenizing tasks; pass --spread "
+                "(inputs, tokenizer and output on storage every node sees) or run the driver on a worker node"
+            )
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
     return options
 
@@ -768,6 +776,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     pending: dict[Any, Shard] = {}
     queue = list(todo)
     errors: list[str] = []
+    task_cpu = 0.0
     try:
         while queue or pending:
             while queue and len(pending) < limit and not errors:
@@ -783,6 +792,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
                     errors.append(result["error"])
                     continue
                 markers[shard.index] = result
+                task_cpu += result["cpu_seconds"]
                 bar.update(1)
                 bar.set_postfix(tokens=f"{sum(m['n_tokens'] for m in markers.values()):,}")
     finally:
@@ -812,4 +822,5 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         shards_reused=reused,
         seconds=time.perf_counter() - t0,
         skipped_docs=sum(m.get("skipped_docs", 0) for m in markers.values()),
+        extra={"task_cpu_seconds": round(task_cpu, 3)},
     )
