@@ -107,6 +107,42 @@ def test_rerun_redoes_only_unfinished_shards(ray_address, corpus, tmp_path) -> N
     assert noeos.shards_tokenized == noeos.shards and noeos.n_tokens == full.n_tokens - full.n_docs
 
 
+def test_killed_driver_leaves_no_output_and_the_rerun_keeps_its_finished_shards(ray_address, corpus, tmp_path) -> None:
+    """SIGKILL the job's driver mid-run (a real interruption), then run again."""
+    import time
+
+    inputs, tok = corpus
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        for _ in range(4):
+            for p in sorted(inputs.iterdir()):
+                f.write(p.read_bytes())
+    out, work = tmp_path / "k", tmp_path / "k.prepare"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "prepare_data.py"), str(big), "--tokenizer", str(tok),
+         "--output", str(out), "--shard-mb", "0.05", "--workers", "1", "--no-progress"],
+        env={**_env(), "RAY_ADDRESS": ray_address}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(work.glob("*.done"))) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be interrupted"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = {p.name for p in work.glob("*.done")}
+    assert not Path(f"{out}.bin").exists() and not Path(f"{out}.idx").exists()
+
+    r = prep.prepare(_cfg(big, tok, out, shard_bytes=int(0.05 * (1 << 20))))
+    assert r.shards_reused >= len(finished) >= 3 and r.shards_tokenized == r.shards - r.shards_reused
+    assert r.n_docs == 4 * sum(1 for p in inputs.iterdir() for _ in open(p, encoding="utf-8"))
+    corpus_out = MMapCorpus(out)
+    assert corpus_out.n_tokens == r.n_tokens and corpus_out[len(corpus_out) - 1][-1] == 2
+
+
 def test_bad_input_in_a_task_is_one_clear_error_and_writes_no_output(ray_address, corpus, tmp_path) -> None:
     _, tok = corpus
     bad = tmp_path / "bad.jsonl"
