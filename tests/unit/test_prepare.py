@@ -322,3 +322,31 @@ def test_int32_when_the_vocabulary_does_not_fit_uint16(tmp_path: Path) -> None:
     assert [list(map(int, c[i])) for i in range(3)] == [[70000, 5], [1], [2, 3, 4]]
     assert list(c.doc_idx) == [0, 1, 2, 3]
     assert prep.best_dtype(70000) == np.int32 and prep.best_dtype(32000) == np.uint16
+
+
+def test_cli_flags_map_onto_the_config_and_unset_flags_keep_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bi150_ray import cli
+
+    seen: list[tuple[prep.PrepareConfig, str | None, int | None]] = []
+
+    def fake_run(cfg: prep.PrepareConfig, address: str | None = None, num_cpus: int | None = None) -> prep.PrepareResult:
+        seen.append((cfg, address, num_cpus))
+        return prep.PrepareResult("p", 1, 2, "uint16", 1, 1, 0, 0.1)
+
+    monkeypatch.setattr(prep, "run", fake_run)
+    assert cli.main(["prepare", "a.jsonl", "b/", "--tokenizer", "t", "--output", "o"]) == 0
+    cfg, address, cpus = seen[-1]
+    assert cfg == prep.PrepareConfig(inputs=("a.jsonl", "b/"), tokenizer="t", output_prefix="o")
+    assert (address, cpus) == (None, None)
+    assert cli.main(["prepare", "a.txt", "--tokenizer", "t", "--output", "o", "--no-append-eos", "--max-repeated-len", "0",
+                     "--shard-mb", "0.5", "--workers", "3", "--text-mode", "paragraph", "--json-key", "body",
+                     "--address", "auto", "--overwrite", "--no-progress"]) == 0
+    cfg, address, _ = seen[-1]
+    assert (cfg.append_eos, cfg.max_repeated_len, cfg.shard_bytes, cfg.workers, cfg.text_mode, cfg.json_key) == (
+        False, None, 1 << 19, 3, "paragraph", "body")
+    assert (address, cfg.overwrite, cfg.progress) == ("auto", True, False)
+
+    import jobs.prepare_data as job
+
+    assert job.main(["x.jsonl", "--tokenizer", "t", "--output", "o"]) == 0
+    assert seen[-1][1] == "auto"  # ray job submit: join the cluster at RAY_ADDRESS
