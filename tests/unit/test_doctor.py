@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bi150_ray import doctor
+from bi150_ray import doctor, nodeprobe
 from bi150_ray.doctor import GO, NO_GO, SKIP, CheckResult, DoctorOptions, NodeFacts, Requirements, evaluate
 
 REQ = Requirements(nodes=2, devices_per_node=16, backend="corex", memory_needed_mib=27_000, ifname="eth0")
@@ -196,14 +196,14 @@ def test_report_has_one_fix_line_per_failed_check():
 
 def test_local_probe_pieces(tmp_path):
     # the storage marker round-trips; a path below a regular file is refused (as root too)
-    path = doctor.write_marker(str(tmp_path / "runs"), "tok", 3)
+    path = nodeprobe.write_marker(str(tmp_path / "runs"), "tok", 3)
     assert open(path).read() == "tok" and os.path.basename(path) == ".bi150-doctor.tok.3"
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError):
-        doctor.write_marker(str(tmp_path / "file" / "runs"), "tok", 0)
-    addrs = doctor.interface_addresses()
+        nodeprobe.write_marker(str(tmp_path / "file" / "runs"), "tok", 0)
+    addrs = nodeprobe.interface_addresses()
     assert "127.0.0.1/8" in addrs["lo"]
-    facts = doctor.NodeProbe().facts(0, str(tmp_path / "p"), "lo", str(tmp_path / "no-ixsmi"), "t", False)
+    facts = nodeprobe.NodeProbe().facts(0, str(tmp_path / "p"), "lo", str(tmp_path / "no-ixsmi"), "t", False)
     assert "not found" in facts["device_error"] and facts["versions"]["ray"] and facts["ifname_source"] == "runtime.env"
     assert not os.listdir(tmp_path / "p")  # the marker was removed
     json.dumps(facts)  # crosses Ray as plain data
