@@ -28,8 +28,11 @@ def run(mb: float, reps: int, events) -> None:
     import paddle
     import paddle.distributed as dist
 
+    xccl = os.environ.get("PADDLE_XCCL_BACKEND")
     if os.environ.get("PADDLE_DISTRI_BACKEND") == "gloo":
         paddle.set_device("cpu")
+    elif xccl:  # custom device (iluvatar_gpu): the contract's selected index (not verified on a BI150)
+        paddle.set_device(f"{xccl}:{os.environ.get(f'FLAGS_selected_{xccl}s', '0')}")
     dist.init_parallel_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     events.emit("start", world=world)
