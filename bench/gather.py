@@ -6,6 +6,8 @@ mappings, Paddle's pipeline segmentation; tests/unit/shard_factory.py), then alt
 manifest), and prints GB/s of each and the ratio (target: merge >= 0.5x cp).
 
     .venv/bin/python bench/gather.py --hidden 2048 --layers 8 --rounds 2
+
+With --root, a checkpoint already built there by an earlier run (same sizes) is reused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def _drop_caches() -> bool:
         return False
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads: the merge's work, whatever else shares the machine."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=2048)
@@ -51,16 +61,19 @@ def main() -> int:
         num_attention_heads=16, num_key_value_heads=16, vocab_size=a.vocab,
     )
     t0 = time.time()
-    model, state = sf.build_model(cfg)
-    del model
-    sf.save_checkpoint(state, cfg, ckpt, tp=2, pp=2)
-    del state
+    if os.path.isfile(os.path.join(ckpt, "config.json")) and a.root:
+        print(f"reusing {ckpt} (delete it to rebuild)")
+    else:
+        model, state = sf.build_model(cfg)
+        del model
+        sf.save_checkpoint(state, cfg, ckpt, tp=2, pp=2)
+        del state
     size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt))
     print(f"checkpoint: tp2 x pp2, {size / 1e9:.2f} GB in {len(os.listdir(ckpt))} files, built in {time.time() - t0:.0f}s")
     cold = _drop_caches()
     print(f"page cache dropped before each run: {cold}")
 
-    cp_s, merge_s = [], []
+    cp_s, merge_s, merge_cpu = [], [], []
     for r in range(a.rounds):
         for what in ("cp", "merge"):
             dst = os.path.join(root, f"{what}-{r}")
@@ -71,14 +84,18 @@ def main() -> int:
                 subprocess.run(["sync"], check=True)
                 cp_s.append(time.perf_counter() - t)
             else:
+                cpu0 = _cpu_s()
                 merge_checkpoint(ckpt, dst, tp=2, pp=2)
                 subprocess.run(["sync"], check=True)
                 merge_s.append(time.perf_counter() - t)
+                merge_cpu.append(_cpu_s() - cpu0)
+                print(f"        merge CPU time (all threads) {merge_cpu[-1]:.2f}s", flush=True)
             print(f"round {r} {what:5s} {time.perf_counter() - t:7.2f}s  {size / 1e9 / (time.perf_counter() - t):.3f} GB/s", flush=True)
             shutil.rmtree(dst)
     cp_m, merge_m = statistics.median(cp_s), statistics.median(merge_s)
     print(f"median cp {size / 1e9 / cp_m:.3f} GB/s, merge {size / 1e9 / merge_m:.3f} GB/s, "
-          f"ratio merge/cp = {cp_m / merge_m:.2f} (target >= 0.5)")
+          f"ratio merge/cp = {cp_m / merge_m:.2f} (target >= 0.5); "
+          f"merge CPU {statistics.median(merge_cpu) / (size / 1e9):.2f} s/GB; load average {os.getloadavg()[0]:.1f}")
     if not a.root:
         shutil.rmtree(root)
     return 0
