@@ -228,7 +228,66 @@ class MMapWriter:
                 continue
 
 
-class MMapCorpus:
+class _Reader:
+    """What both corpus readers share: PaddleNLP's sequence/document access over ``sizes``,
+    ``doc_idx`` and a per-format ``_view`` of the token memory map."""
+
+    prefix: str
+    sizes: np.ndarray
+    doc_idx: np.ndarray
+    _verify: bool
+
+    def __init__(self, prefix: str | os.PathLike[str], *, verify_pointers: bool = True) -> None:
+        raise NotImplementedError
+
+    def _view(self, i: int, offset: int, length: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_idx) - 1
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset+length)`` of sequence ``i`` as a read-only view (no copy).
+
+        Same arguments as PaddleNLP's ``get``, but returns only the tokens (its UP version
+        returns a ``(tokens, loss_mask)`` tuple).
+        """
+        n = len(self.sizes)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for corpus of {n}")
+        i %= n
+        size = int(self.sizes[i])
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(
+                f"slice [{offset}, {offset}+{length}) out of range for sequence {i} of {size} tokens"
+            )
+        return self._view(i, offset, length)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    def document(self, j: int) -> list[np.ndarray]:
+        """Sequences of document ``j`` (one per document for LLaMA data)."""
+        lo, hi = int(self.doc_idx[j]), int(self.doc_idx[j + 1])
+        return [self.get(i) for i in range(lo, hi)]
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"prefix": self.prefix, "verify": self._verify}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["prefix"], verify_pointers=bool(state["verify"]))  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.prefix!r}, dtype={self.dtype}, sequences={len(self)}, docs={self.n_docs})"
+
+
+class MMapCorpus(_Reader):
     """Zero-copy reader: ``sizes``/``pointers``/``doc_idx`` and token slices are read-only views
     into memory maps, so many Ray workers on a node share one page cache copy.
 
@@ -331,56 +390,16 @@ class MMapCorpus:
         """All token ids, memory-mapped (read-only)."""
         return np.frombuffer(self._bin_map, dtype=self.dtype.newbyteorder("<"))
 
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def n_docs(self) -> int:
-        return len(self.doc_idx) - 1
-
     @property
     def n_tokens(self) -> int:
         return int(self.sizes.sum(dtype=np.int64))
 
-    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        """Tokens ``[offset, offset+length)`` of sequence ``i`` as a read-only view (no copy).
-
-        Same arguments as PaddleNLP's ``get``, but returns only the tokens (its UP version
-        returns a ``(tokens, loss_mask)`` tuple).
-        """
-        n = len(self.sizes)
-        if not -n <= i < n:
-            raise IndexError(f"sequence {i} out of range for corpus of {n}")
-        i %= n
-        size = int(self.sizes[i])
-        if length is None:
-            length = size - offset
-        if offset < 0 or length < 0 or offset + length > size:
-            raise IndexError(
-                f"slice [{offset}, {offset}+{length}) out of range for sequence {i} of {size} tokens"
-            )
-        start = int(self.pointers[i]) + offset * self.dtype.itemsize
+    def _view(self, i: int, offset: int, length: int) -> np.ndarray:
+        start = int(self.pointers[i]) + offset * self.dtype.itemsize  # .idx pointers are in bytes
         return np.frombuffer(self._bin_map, dtype=self.dtype.newbyteorder("<"), count=length, offset=start)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.get(i)
 
-    def document(self, j: int) -> list[np.ndarray]:
-        """Sequences of document ``j`` (one per document for LLaMA data)."""
-        lo, hi = int(self.doc_idx[j]), int(self.doc_idx[j + 1])
-        return [self.get(i) for i in range(lo, hi)]
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"prefix": self.prefix, "verify": self._verify}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["prefix"], verify_pointers=bool(state["verify"]))  # type: ignore[misc]
-
-    def __repr__(self) -> str:
-        return f"MMapCorpus({self.prefix!r}, dtype={self.dtype}, sequences={len(self)}, docs={self.n_docs})"
-
-
-class NpyCorpus:
+class NpyCorpus(_Reader):
     """The older corpus: ``<prefix>_ids.npy`` (all token ids, one 1-D array) and
     ``<prefix>_idx.npz`` (``lens`` tokens per sequence, ``docs`` the doc index; ``sents`` is
     written by the old tool but never read). PaddleNLP's ``CompatibleIndexedDataset``.
@@ -460,13 +479,6 @@ class NpyCorpus:
         self._ids = ids
         self.dtype = ids.dtype
 
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def n_docs(self) -> int:
-        return len(self.doc_idx) - 1
-
     @property
     def n_tokens(self) -> int:
         return int(self.pointers[-1])
@@ -476,37 +488,9 @@ class NpyCorpus:
         """All token ids, memory-mapped."""
         return self._ids
 
-    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        """Tokens ``[offset, offset+length)`` of sequence ``i`` (a view into the memory map)."""
-        n = len(self.sizes)
-        if not -n <= i < n:
-            raise IndexError(f"sequence {i} out of range for corpus of {n}")
-        i %= n
-        size = int(self.sizes[i])
-        if length is None:
-            length = size - offset
-        if offset < 0 or length < 0 or offset + length > size:
-            raise IndexError(
-                f"slice [{offset}, {offset}+{length}) out of range for sequence {i} of {size} tokens"
-            )
-        start = int(self.pointers[i]) + offset
+    def _view(self, i: int, offset: int, length: int) -> np.ndarray:
+        start = int(self.pointers[i]) + offset  # pointers in tokens, as PaddleNLP derives them
         return self._ids[start : start + length]
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.get(i)
-
-    def document(self, j: int) -> list[np.ndarray]:
-        lo, hi = int(self.doc_idx[j]), int(self.doc_idx[j + 1])
-        return [self.get(i) for i in range(lo, hi)]
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"prefix": self.prefix, "verify": self._verify}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["prefix"], verify_pointers=bool(state["verify"]))  # type: ignore[misc]
-
-    def __repr__(self) -> str:
-        return f"NpyCorpus({self.prefix!r}, dtype={self.dtype}, sequences={len(self)}, docs={self.n_docs})"
 
 
 Corpus = MMapCorpus | NpyCorpus
