@@ -131,6 +131,8 @@ def gather_model(
 
 def verify_gathered(out_dir: str) -> dict[str, Any]:
     """Re-hash every file against the manifest; raises GatherError naming the first bad file."""
+    if not os.path.isdir(out_dir):
+        raise GatherError(f"{out_dir}: not a directory; pass a folder written by `bi150-ray gather`")
     if not os.path.isfile(os.path.join(out_dir, COMPLETE_MARKER)):
         raise GatherError(f"{out_dir}: no completion marker; the gather did not finish")
     with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as fh:

@@ -117,3 +117,12 @@ def test_run_without_checkpoints(tmp_path):
     (tmp_path / "run_record.json").write_text(json.dumps({"degrees": {"tp": 1, "pp": 1}, "checkpoints": []}))
     with pytest.raises(GatherError, match="no complete checkpoint"):
         fromrun.gather_run(str(tmp_path), str(tmp_path / "m"))
+
+
+def test_verify_names_a_folder_that_is_not_there(tmp_path):
+    from bi150_ray.checkpoint.gather import verify_gathered
+
+    with pytest.raises(GatherError, match="not a directory"):
+        verify_gathered(str(tmp_path / "nope"))
+    with pytest.raises(GatherError, match="no completion marker"):
+        verify_gathered(str(tmp_path))
