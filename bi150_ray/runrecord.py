@@ -58,6 +58,8 @@ class RunRecord:
         old = load(path)
         for c in old.get("checkpoints", []):
             check_inside(c.get("checkpoint", ""), allowed_roots, f"{path}: checkpoint path")
+            for node, folder in c.get("folders", {}).items():
+                check_inside(folder, allowed_roots, f"{path}: checkpoint folder of node {node}")
         if old.get("model_dir"):
             check_inside(old["model_dir"], allowed_roots, f"{path}: model_dir")
         old["attempts"] = [Attempt(**a) for a in old.get("attempts", [])]
