@@ -192,7 +192,8 @@ class NetnsHosts:
             "export RAY_USAGE_STATS_ENABLED=0  # no route out of the namespaces\n"
             "export RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION=0.05  # four nodes share this machine's memory\n"
         )
-        (host.home / ".profile").write_text("")  # Debian's default would source ~/.bashrc a second time
+        # As Debian's default ~/.profile: login shells (`bash -lic ...`) read ~/.bashrc too.
+        (host.home / ".profile").write_text('[ -n "$BASH_VERSION" ] && [ -f ~/.bashrc ] && . ~/.bashrc\n')
         # No package index on the hosts: build with the setuptools the venv already has.
         (host.home / ".config" / "pip" / "pip.conf").write_text(
             "[global]\nno-index = true\ndisable-pip-version-check = true\n[install]\nno-build-isolation = false\n"
