@@ -304,6 +304,50 @@ def spawn_workers(pg: PlacementGroup, bundle_index_per_rank: list[int], resource
     return workers
 
 
+@dataclass
+class Gang:
+    """A reserved gang with one started RankWorker per rank and the addresses the ranks meet at."""
+
+    pg: PlacementGroup
+    nodes: list[NodeInfo]  # bundle order
+    bundle_of_node: list[int]  # node index -> bundle index
+    workers: list  # rank -> RankWorker
+    endpoints: tuple[str, ...]  # rank -> ip:port (PADDLE_TRAINER_ENDPOINTS)
+    master: str  # rank 0's ip:port for the TCPStore
+
+
+def launch_gang(pg: PlacementGroup, node_index_per_rank: list[int], resource: str, cpus_per_rank: float,
+                timeout_s: float) -> Gang:
+    """Order the gang's nodes, start a worker per rank in its node's bundle and pick free ports.
+
+    The driver and `bi150-ray doctor` both start ranks through this, so the collective test sees
+    exactly the layout and addresses a job gets. On failure the workers started so far are killed.
+    """
+    nodes = bundle_nodes(pg)
+    bundle_of_node = node_order(nodes)
+    workers = spawn_workers(pg, [bundle_of_node[n] for n in node_index_per_rank], resource, cpus_per_rank)
+    try:
+        infos = ray.get([w.info.remote() for w in workers], timeout=timeout_s)
+        ports = ray.get([w.free_ports.remote(2 if i == 0 else 1) for i, w in enumerate(workers)], timeout=timeout_s)
+    except BaseException:
+        release(workers, None)
+        raise
+    endpoints = tuple(f"{infos[i]['ip']}:{ports[i][0]}" for i in range(len(workers)))
+    return Gang(pg, nodes, bundle_of_node, workers, endpoints, master=f"{infos[0]['ip']}:{ports[0][1]}")
+
+
+def release(workers: list, pg: PlacementGroup | None) -> None:
+    """Stop every rank process, kill the worker actors and give the gang's resources back."""
+    try:
+        ray.get([w.stop.remote() for w in workers], timeout=30)
+    except Exception:  # noqa: BLE001 - a dead actor has no process left to stop
+        pass
+    for w in workers:
+        ray.kill(w)
+    if pg is not None:
+        remove_placement_group(pg)
+
+
 def file_actors(node_ids: list[str]) -> list:
     """One zero-resource RankWorker pinned to each node, for reading and writing files there."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -460,7 +460,7 @@ def run_collective(plan, opts: DoctorOptions, token: str) -> dict[str, Any]:
 
     from bi150_ray import cluster
     from bi150_ray import events as ev
-    from bi150_ray.envcontract import RankEnvInput, rank_env
+    from bi150_ray.envcontract import job_rank_env
     from bi150_ray.errors import GangError
 
     rt = plan.job.runtime
@@ -473,20 +473,14 @@ def run_collective(plan, opts: DoctorOptions, token: str) -> dict[str, Any]:
     workers: list = []
     log_dir = os.path.join(tempfile.gettempdir(), "bi150-ray-doctor", token)
     try:
-        nodes = cluster.bundle_nodes(pg)
-        bundle_of_node = cluster.node_order(nodes)
-        workers = cluster.spawn_workers(pg, [bundle_of_node[s.node_index] for s in plan.slots], rt.resource_name, rt.cpus_per_rank)
-        infos = ray.get([w.info.remote() for w in workers], timeout=opts.probe_timeout_s)
-        ports = ray.get([w.free_ports.remote(2 if i == 0 else 1) for i, w in enumerate(workers)])
-        endpoints = tuple(f"{infos[i]['ip']}:{ports[i][0]}" for i in range(len(workers)))
-        master = f"{infos[0]['ip']}:{ports[0][1]}"
+        gang = cluster.launch_gang(pg, [s.node_index for s in plan.slots], rt.resource_name, rt.cpus_per_rank,
+                                   opts.probe_timeout_s)
+        workers, endpoints, master = gang.workers, gang.endpoints, gang.master
         argv = ["{python}", "-u", "-m", "bi150_ray.train.collective_probe", "--mb", str(opts.collective_mb),
                 "--reps", str(opts.collective_reps)]
         starts = []
         for slot, w in zip(plan.slots, workers, strict=True):
-            contract = rank_env(RankEnvInput(slot=slot, world_size=rt.world_size, nnodes=rt.nodes, endpoints=endpoints,
-                                             backend=rt.backend, log_dir=log_dir, master=master,
-                                             pod_name=f"node{slot.node_index}", passthrough=rt.env))
+            contract = job_rank_env(rt, slot, endpoints, master, log_dir)
             events_path = os.path.join(log_dir, f"events.{slot.rank}.jsonl")
             contract[ev.EVENTS_ENV] = events_path
             starts.append(w.start.remote(argv, contract, os.path.join(log_dir, f"workerlog.{slot.rank}"), events_path, log_dir))
@@ -510,25 +504,16 @@ def run_collective(plan, opts: DoctorOptions, token: str) -> dict[str, Any]:
             why = f"did not finish within {opts.collective_timeout_s:g} s" if codes[r] is None else f"exited with code {codes[r]}"
             err = ranks.get(-1 - r, {}).get("error", "")
             tail = ray.get(workers[r].log_tail.remote(15))
-            where = f"{infos[r]['ip']}:{os.path.join(log_dir, f'workerlog.{r}')}"
+            where = f"{endpoints[r].rsplit(':', 1)[0]}:{os.path.join(log_dir, f'workerlog.{r}')}"
             return {"error": f"collective test: rank {r} {why}{': ' + err if err else ''} (log {where})\n{tail}",
                     "fix": f"read {where}; ranks must reach each other's endpoints ({', '.join(endpoints[:4])}...) "
                            f"and the collective library must initialise on every node"}
         node_of = {s.rank: s.node_index for s in plan.slots}
         pairs = [p | {"src_node": node_of[p["src"]], "dst_node": node_of[p["dst"]]} for e in ranks.values() for p in e.get("pairs", [])]
         return {"ranks": {r: e for r, e in ranks.items() if r >= 0}, "pairs": sorted(pairs, key=lambda p: (p["src"], p["dst"])),
-                "seconds": time.time() - t0, "node_ids": [nodes[b].node_id for b in bundle_of_node]}
+                "seconds": time.time() - t0, "node_ids": [gang.nodes[b].node_id for b in gang.bundle_of_node]}
     finally:
-        stops = [w.stop.remote() for w in workers]
-        try:
-            ray.get(stops, timeout=30)
-        except Exception:  # noqa: BLE001 - a dead actor has no process left to stop
-            pass
-        for w in workers:
-            ray.kill(w)
-        from ray.util.placement_group import remove_placement_group
-
-        remove_placement_group(pg)
+        cluster.release(workers, pg)
 
 
 @dataclass

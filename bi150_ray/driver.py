@@ -21,7 +21,7 @@ from bi150_ray import config as config_mod
 from bi150_ray import events as ev
 from bi150_ray.checkpoint import gather, inventory
 from bi150_ray.config import JobConfig
-from bi150_ray.envcontract import RankEnvInput, rank_env, redact
+from bi150_ray.envcontract import job_rank_env, redact
 from bi150_ray.errors import DataPlanError, RunFailed
 from bi150_ray.plan import LaunchPlan, make_plan
 from bi150_ray.runrecord import Attempt, RunRecord, host_fingerprint
@@ -185,16 +185,10 @@ class PretrainJob:
         pg = cluster.reserve_gang(rt.nodes, rt.devices_per_node, rt.resource_name, rt.cpus_per_rank, rt.placement_timeout_s)
         workers: list = []
         try:
-            nodes = cluster.bundle_nodes(pg)
-            bundle_of_node = cluster.node_order(nodes)  # node index -> bundle index
+            gang = cluster.launch_gang(pg, [s.node_index for s in plan.slots], rt.resource_name, rt.cpus_per_rank,
+                                       rt.placement_timeout_s)
+            workers, nodes, bundle_of_node = gang.workers, gang.nodes, gang.bundle_of_node
             attempt.nodes = [dataclasses.asdict(nodes[b]) | {"node_index": i} for i, b in enumerate(bundle_of_node)]
-            workers = cluster.spawn_workers(
-                pg, [bundle_of_node[s.node_index] for s in plan.slots], rt.resource_name, rt.cpus_per_rank
-            )
-            infos = ray.get([w.info.remote() for w in workers], timeout=rt.placement_timeout_s)
-            ports = ray.get([w.free_ports.remote(2 if i == 0 else 1) for i, w in enumerate(workers)])
-            endpoints = tuple(f"{infos[i]['ip']}:{ports[i][0]}" for i in range(len(workers)))
-            master = f"{infos[0]['ip']}:{ports[0][1]}"
 
             first_on_node: dict[int, int] = {}
             for slot in plan.slots:
@@ -215,13 +209,13 @@ class PretrainJob:
                 for node, w in self._node_workers.items()
             ])
             record.data_plan = self._ship_data_plan(nodes[bundle_of_node[0]].node_id) or record.data_plan
-            self._start_ranks(workers, endpoints, master)
+            self._start_ranks(workers, gang.endpoints, gang.master)
             record.save()
             return self._supervise(workers, record, attempt, final_events)
         except (RayActorError, GetTimeoutError) as exc:
             return _Failure("infrastructure", f"{type(exc).__name__}: {exc}")
         finally:
-            self._shutdown(workers, pg)
+            cluster.release(workers, pg)
 
     def _start_ranks(self, workers: list, endpoints: tuple[str, ...], master: str) -> None:
         import ray
@@ -230,19 +224,7 @@ class PretrainJob:
         starts = []
         for slot, worker in zip(plan.slots, workers, strict=True):
             paths = plan.node_paths(slot.node_index)
-            contract = rank_env(
-                RankEnvInput(
-                    slot=slot,
-                    world_size=rt.world_size,
-                    nnodes=rt.nodes,
-                    endpoints=endpoints,
-                    backend=rt.backend,
-                    log_dir=paths.log_dir,
-                    master=master,
-                    pod_name=f"node{slot.node_index}",
-                    passthrough=rt.env,
-                )
-            )
+            contract = job_rank_env(rt, slot, endpoints, master, paths.log_dir)
             contract[ev.EVENTS_ENV] = paths.events_path(slot.rank)
             contract["BI150_RAY_HEARTBEAT_S"] = str(rt.heartbeat_s)
             contract["BI150_RAY_ATTEMPT"] = str(self._attempt_number)
@@ -489,19 +471,6 @@ class PretrainJob:
             Phase.EVAL: rt.eval_timeout_s,
             Phase.CHECKPOINT: rt.checkpoint_timeout_s,
         }[phase]
-
-    def _shutdown(self, workers: list, pg) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        stops = [w.stop.remote() for w in workers]
-        try:
-            ray.get(stops, timeout=30)
-        except Exception:  # noqa: BLE001 - a dead actor has no process left to stop
-            pass
-        for w in workers:
-            ray.kill(w)
-        remove_placement_group(pg)
 
     # -- end of run -------------------------------------------------------------------------
     def _gather(self, record: RunRecord) -> str:

@@ -30,8 +30,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 from bi150_ray.topology import RankSlot
+
+if TYPE_CHECKING:
+    from bi150_ray.config import RuntimeConfig
 
 BACKENDS: tuple[str, ...] = ("cpu", "corex", "iluvatar_gpu")
 
@@ -247,6 +251,13 @@ def rank_env(inp: RankEnvInput) -> dict[str, str]:
             raise EnvContractError(f"passthrough value of {key} must be a string, got {value!r}")
         env[key] = value
     return env
+
+
+def job_rank_env(rt: RuntimeConfig, slot: RankSlot, endpoints: tuple[str, ...], master: str, log_dir: str) -> dict[str, str]:
+    """One rank's contract inside a job's gang: what the driver and `bi150-ray doctor` both hand a rank."""
+    return rank_env(RankEnvInput(slot=slot, world_size=rt.world_size, nnodes=rt.nodes, endpoints=endpoints,
+                                 backend=rt.backend, log_dir=log_dir, master=master,
+                                 pod_name=f"node{slot.node_index}", passthrough=rt.env))
 
 
 def select_passthrough(environ: Mapping[str, str], extra: Iterable[str] = ()) -> dict[str, str]:
