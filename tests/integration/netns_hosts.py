@@ -171,7 +171,10 @@ class NetnsHosts:
         _run("ip", "link", "del", BRIDGE, check=False)
 
     def _prepare(self, host: Host) -> None:
-        for d in (host.tmp, host.home / ".pyenv", host.home / ".config" / "pip"):
+        interpreter = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+        root = Path("/root")
+        keep = root / interpreter.relative_to(root).parts[0] if root in interpreter.parents else None
+        for d in (host.tmp, host.home / ".config" / "pip", *([host.home / keep.name] if keep else [])):
             d.mkdir(parents=True, exist_ok=True)
         host.tmp.chmod(0o1777)
         # The host's Python: the project venv's base interpreter, chained to the project venv.
@@ -217,8 +220,8 @@ class NetnsHosts:
             f"hostname {host.name}\n"
             f"mount --bind {host.tmp} /tmp\n"
             f"mount --bind {host.dir / 'hosts'} /etc/hosts\n"
-            # The project venv's interpreter lives under /root/.pyenv: keep it visible in the new home.
-            + (f"mount --bind /root/.pyenv {host.home / '.pyenv'}\n" if Path("/root/.pyenv").is_dir() else "")
+            # If the project venv's interpreter lives under /root (here /root/.pyenv), keep it visible.
+            + (f"mount --bind {keep} {host.home / keep.name}\n" if keep else "")
             + f"mount --rbind {host.home} /root\n"
             f"exec /usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}\n"
         )
