@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (
         ("run", _cmd_run, "run a job on the Ray cluster at RAY_ADDRESS"),
         ("plan", _cmd_plan, "resolve degrees and groups for a job without running it"),
+        ("doctor", _cmd_doctor, "pre-flight: qualify the live cluster for a job (exit 1 on no-go)"),
     ):
         r = sub.add_parser(name, help=helptext)
         r.add_argument("config", help="PaddleNLP pretrain JSON, optionally with a 'runtime' section")
@@ -275,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--device", help="device registry entry (default: BI-V150, or cpu for the cpu backend)")
             r.add_argument("--device-registry", help="a JSON file extending bi150_ray/device_registry.json")
             r.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time forecast")
+        if name == "doctor":
+            r.add_argument("--json", action="store_true")
+            r.add_argument("--no-collective", action="store_true", help="skip the all-reduce and bandwidth test")
+            r.add_argument("--mb", type=float, help="MB per send/recv between each pair of nodes (default 4)")
+            r.add_argument("--min-bandwidth", type=float, help="MB/s below which a node pair is no-go (default: report only)")
+            r.add_argument("--clock-tolerance", type=float, help="seconds a node's clock may differ from the head's (default 2)")
+            r.add_argument("--ixsmi", help="ixsmi command on the nodes (default: ixsmi on PATH, or $BI150_IXSMI)")
         r.set_defaults(func=func)
 
     v = sub.add_parser("devices", help="BI150 devices on this node, from ixsmi")
@@ -288,21 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--resource-name", default="BI150")
     n.set_defaults(func=_cmd_node_resources)
 
-    dr = sub.add_parser("doctor", help="pre-flight: qualify the live cluster for a job (exit 1 on no-go)")
-    dr.add_argument("config", help="the job's PaddleNLP JSON (with or without a 'runtime' section)")
-    dr.add_argument("--runtime", help="a JSON file with the runtime section")
-    dr.add_argument("--nodes", type=int)
-    dr.add_argument("--devices-per-node", type=int)
-    dr.add_argument("--backend", choices=["cpu", "corex", "iluvatar_gpu"])
-    dr.add_argument("--storage", help="runtime.storage_path")
-    dr.add_argument("--run-name")
-    dr.add_argument("--json", action="store_true")
-    dr.add_argument("--no-collective", action="store_true", help="skip the all-reduce and bandwidth test")
-    dr.add_argument("--mb", type=float, help="MB per send/recv between each pair of nodes (default 4)")
-    dr.add_argument("--min-bandwidth", type=float, help="MB/s below which a node pair is no-go (default: report only)")
-    dr.add_argument("--clock-tolerance", type=float, help="seconds a node's clock may differ from the head's (default 2)")
-    dr.add_argument("--ixsmi", help="ixsmi command on the nodes (default: ixsmi on PATH, or $BI150_IXSMI)")
-    dr.set_defaults(func=_cmd_doctor)
 
     dp = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)
     pl = dp.add_parser("plan", help="documents, tokens, epochs, samples per split and per rank, hashes")
