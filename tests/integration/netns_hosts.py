@@ -118,6 +118,32 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
+def _kept_paths() -> list[Path]:
+    """Top folders under /tmp or /root that the hosts must still see: the repo (fake ixsmi), the
+    project venv (the hosts' venvs chain to it) and the interpreter the venvs are made from."""
+    interpreter = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+    keep: set[Path] = set()
+    for path in (REPO, Path(sys.prefix).resolve(), interpreter):
+        for private in (Path("/tmp"), Path("/root")):
+            if private in path.parents:
+                keep.add(private / path.relative_to(private).parts[0])
+    return sorted(keep)
+
+
+def private_mounts(covers: dict[str, Path]) -> str:
+    """Shell lines that cover each folder of `covers` (e.g. /tmp) with a private one, keeping the
+    kept paths beneath it visible at the same place (bound in first; --rbind carries them along)."""
+    lines = []
+    for covered, private in covers.items():
+        for k in _kept_paths():
+            if Path(covered) in k.parents:
+                inside = private / k.relative_to(covered)
+                inside.mkdir(parents=True, exist_ok=True)
+                lines.append(f"mount --bind {k} {inside}")
+        lines.append(f"mount --rbind {private} {covered}")
+    return "\n".join(lines) + "\n"
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -171,10 +197,7 @@ class NetnsHosts:
         _run("ip", "link", "del", BRIDGE, check=False)
 
     def _prepare(self, host: Host) -> None:
-        interpreter = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
-        root = Path("/root")
-        keep = root / interpreter.relative_to(root).parts[0] if root in interpreter.parents else None
-        for d in (host.tmp, host.home / ".config" / "pip", *([host.home / keep.name] if keep else [])):
+        for d in (host.tmp, host.home / ".config" / "pip"):
             d.mkdir(parents=True, exist_ok=True)
         host.tmp.chmod(0o1777)
         # The host's Python: the project venv's base interpreter, chained to the project venv.
@@ -218,12 +241,11 @@ class NetnsHosts:
         (host.dir / "start.sh").write_text(
             "set -e\n"
             f"hostname {host.name}\n"
-            f"mount --bind {host.tmp} /tmp\n"
             f"mount --bind {host.dir / 'hosts'} /etc/hosts\n"
-            # If the project venv's interpreter lives under /root (here /root/.pyenv), keep it visible.
-            + (f"mount --bind {keep} {host.home / keep.name}\n" if keep else "")
-            + f"mount --rbind {host.home} /root\n"
-            f"exec /usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}\n"
+            # The repo, its venv and their interpreter stay visible where they are, even when they live
+            # under /tmp (a CI clone) or /root (pyenv).
+            + private_mounts({"/tmp": host.tmp, "/root": host.home})
+            + f"exec /usr/sbin/sshd -D -e -f {host.dir / 'sshd_config'}\n"
         )
 
     def _network(self, host: Host) -> None:

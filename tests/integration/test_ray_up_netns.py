@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from bi150_ray.demo import write_demo_config
-from tests.integration.netns_hosts import Host, NetnsHosts
+from tests.integration.netns_hosts import Host, NetnsHosts, private_mounts
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -79,8 +79,8 @@ class Launcher:
         self.env = env
 
     def argv(self, *args: str) -> list[str]:
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" /tmp && exec "$@"',
-                str(self.tmp), str(BIN / "ray"), *args]
+        script = "set -e\n" + private_mounts({"/tmp": self.tmp}) + 'exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(BIN / "ray"), *args]
 
     def run(self, *args: str, timeout: float = 120, log: Path | None = None) -> subprocess.CompletedProcess:
         if log is None:
