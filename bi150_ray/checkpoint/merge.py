@@ -14,16 +14,25 @@ The output is a sharded safetensors directory (`model-0000i-of-0000N.safetensors
 checksum manifest and completion marker as `gather.py` and renamed at the end, so a failed merge
 leaves nothing that looks finished.
 
-`.pdparams` files are pickles: only ever merge checkpoints from our own run storage.
+Pipeline (merge_checkpoint): each shard file is memory-mapped and unpickled so that its arrays are
+views of the mapping (`_load_shard`); tp splits that are plain concatenations stay as their parts
+(`Concat`); the background writer writes axis-0 parts back to back and joins other axes into one
+reused buffer, hashing each chunk while writing it. No merged tensor is built in fresh memory.
+
+`.pdparams` files are pickles: only ever merge checkpoints from our own run storage, and do not
+modify them during a merge (the arrays are mapped from the files).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
+import mmap
 import os
+import pickle
 import re
 import shutil
 import time
@@ -175,12 +184,61 @@ def check_complete(shards: ShardSet, tp: int, pp: int) -> None:
         )
 
 
-def _load_shard(path: str) -> dict[str, np.ndarray]:
-    """Read one .pdparams (a pickle: our own run storage only) as numpy, failing with the file's name."""
-    import paddle
+class _ArrayStub:
+    """Stands in for numpy's pickled ndarray; its BUILD step makes a view of the raw bytes instead of a copy."""
 
+    array: np.ndarray
+
+    def __setstate__(self, state: tuple) -> None:
+        _version, shape, dtype, fortran_order, raw = state
+        self.array = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def _array_stub(*_args: Any) -> _ArrayStub:
+    return _ArrayStub()
+
+
+class _MappedFile:
+    """File-like reads from an mmap: large reads (tensor data) are zero-copy memoryviews."""
+
+    def __init__(self, view: memoryview):
+        self.view, self.pos = view, 0
+
+    def read(self, n: int = -1) -> bytes | memoryview:
+        end = len(self.view) if n < 0 else self.pos + n
+        out = self.view[self.pos : end]
+        self.pos += len(out)
+        return out if len(out) >= 1 << 16 else out.tobytes()  # pickle wants bytes for opcodes
+
+    def readline(self) -> bytes:
+        end = bytes(self.view[self.pos : self.pos + (1 << 16)]).find(b"\n")
+        return self.read(end + 1 if end >= 0 else -1)
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+class _ShardUnpickler(pickle._Unpickler):  # the pure-Python one: it hands our memoryviews through
+    def find_class(self, module: str, name: str) -> Any:
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _array_stub
+        return super().find_class(module, name)
+
+
+def _load_shard(path: str) -> dict[str, np.ndarray]:
+    """Read one .pdparams (a pickle: our own run storage only) as numpy, failing with the file's name.
+
+    Same result as paddle.load(path, return_numpy=True), but the arrays are views of the file
+    mapped into memory: the data lives in the page cache (which a copy needs anyway) instead of in
+    fresh process memory, whose first-touch faults cost more than the copy on VMs.
+    """
     try:
-        state = paddle.load(path, return_numpy=True)
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped.madvise(mmap.MADV_WILLNEED)  # start the read-ahead of the whole file now
+        state = _ShardUnpickler(_MappedFile(memoryview(mapped)), encoding="latin1").load()
     except Exception as exc:  # truncated/corrupt pickles raise all sorts of types
         raise MergeError(
             f"{path}: cannot be read as a Paddle state dict ({type(exc).__name__}: {exc})"
@@ -189,6 +247,8 @@ def _load_shard(path: str) -> dict[str, np.ndarray]:
         raise MergeError(f"{path}: does not hold a non-empty state dict")
     state.pop(_STRUCTURED_KEY, None)
     for key, value in state.items():
+        if isinstance(value, _ArrayStub):
+            state[key] = value = value.array
         if not isinstance(value, np.ndarray):
             raise MergeError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
     return state
@@ -223,7 +283,49 @@ def _merge_actions(cfg, keys: Iterable[str]) -> dict[str, Any]:
     return {real: mappings[base] for base, real in resolved.items()}
 
 
-def _merge_key(key: str, parts: list[np.ndarray], paths: list[str], action) -> np.ndarray:
+@dataclass(frozen=True)
+class Concat:
+    """A tp-split tensor kept as its parts: np.concatenate(parts, axis) without building it yet.
+
+    Building merged tensors in fresh memory doubles the memory a merge touches, and on VMs where
+    first-touch page faults are expensive that costs more than the copy itself. The writer instead
+    writes axis-0 parts one after the other (the same bytes) and assembles other axes into one
+    reused buffer just before writing them (`write_safetensors`).
+    """
+
+    parts: tuple[np.ndarray, ...]
+    axis: int  # non-negative
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.parts[0].shape)
+        shape[self.axis] = sum(p.shape[self.axis] for p in self.parts)
+        return tuple(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def materialize(self, out: np.ndarray | None = None) -> np.ndarray:
+        return np.concatenate(self.parts, axis=self.axis, out=out)
+
+
+def _concat_axis(action, ndim: int) -> int | None:
+    """The axis if PaddleNLP's merge action is a plain np.concatenate, else None.
+
+    LLaMA's plain split tensors map to `partial(merge_fn, is_column=...)`, which is
+    `np.concatenate(parts, axis=-1 if is_column else 0)`; anything else (fused qkv/ffn) is run as is.
+    """
+    if isinstance(action, functools.partial) and not action.args and set(action.keywords) == {"is_column"}:
+        return ndim - 1 if action.keywords["is_column"] else 0
+    return None
+
+
+def _merge_key(key: str, parts: list[np.ndarray], paths: list[str], action, lazy: bool = False) -> np.ndarray | Concat:
     for path, part in zip(paths[1:], parts[1:], strict=True):
         if part.shape != parts[0].shape or part.dtype != parts[0].dtype:
             raise MergeError(
@@ -231,6 +333,9 @@ def _merge_key(key: str, parts: list[np.ndarray], paths: list[str], action) -> n
                 f"{parts[0].dtype}{list(parts[0].shape)}; tp shards must agree"
             )
     if action is not None:
+        axis = _concat_axis(action, parts[0].ndim)
+        if lazy and axis is not None:
+            return Concat(tuple(np.ascontiguousarray(p) for p in parts), axis)
         return np.ascontiguousarray(action(parts))
     # Replicated tensors (norms, unsplit vocab/kv) are identical on every tp rank of a healthy run.
     for path, part in zip(paths[1:], parts[1:], strict=True):
@@ -306,8 +411,13 @@ def _check_all_layers(seen: Mapping[str, str], cfg, shards: ShardSet) -> None:
         raise MergeError(f"{where}: missing {absent}")
 
 
-def iter_merged(shards: ShardSet, config: Any) -> Iterator[tuple[str, np.ndarray]]:
+def iter_merged(
+    shards: ShardSet, config: Any, lazy: bool = False
+) -> Iterator[tuple[str, np.ndarray | Concat]]:
     """Yield merged full tensors one pp stage at a time, so at most two stages are held in memory.
+
+    With `lazy`, plain tp concatenations are yielded as `Concat` (parts not joined yet) for
+    write_model_dir, which writes them without building the merged array.
 
     The next stage is read in the background while this one is merged and written. Completeness
     (all layers, embedding, norm, lm_head) is checked after the last stage, so a consumer must treat
@@ -336,7 +446,7 @@ def iter_merged(shards: ShardSet, config: Any) -> Iterator[tuple[str, np.ndarray
                         f"{paths[0]}: has {key} but config.num_hidden_layers is {cfg.num_hidden_layers}"
                     )
                 parts = [state.pop(key) for state in states]
-                value = _merge_key(key, parts, paths, actions.get(key))
+                value = _merge_key(key, parts, paths, actions.get(key), lazy)
                 del parts
                 if key in seen:
                     # Rare (a layer saved by two stages): merge it again from the first stage to compare.
@@ -354,10 +464,12 @@ def iter_merged(shards: ShardSet, config: Any) -> Iterator[tuple[str, np.ndarray
     _check_all_layers({k: shards.files[(0, p)] for k, p in seen.items()}, cfg, shards)
 
 
-def _check_same_as_before(key: str, value: np.ndarray, first_stage: int, shards: ShardSet, cfg, where: str) -> None:
+def _check_same_as_before(key: str, value: np.ndarray | Concat, first_stage: int, shards: ShardSet, cfg, where: str) -> None:
     paths, states = _load_stage(shards, first_stage)
     actions = _merge_actions(cfg, [key]) if shards.tp > 1 else {}
     before = _merge_key(key, [s[key] for s in states], paths, actions.get(key))
+    if isinstance(value, Concat):
+        value = value.materialize()
     if before.shape != value.shape or before.dtype != value.dtype or not np.array_equal(before, value):
         raise MergeError(
             f"{where}: {key} is also in {os.path.basename(paths[0])} with different values (pp stages overlap)"
@@ -367,7 +479,10 @@ def _check_same_as_before(key: str, value: np.ndarray, first_stage: int, shards:
 def merge_state(
     ckpt_dir: str, config: Any, tp: int | None = None, pp: int | None = None
 ) -> dict[str, np.ndarray]:
-    """The whole merged state dict in memory (fine for tests and small models; see merge_checkpoint)."""
+    """The whole merged state dict (fine for tests and small models; see merge_checkpoint).
+
+    Unsplit tensors are read-only views of the mapped shard files; copy one before modifying it.
+    """
     shards = discover_shards(ckpt_dir, tp=tp, pp=pp)
     _check_config_tp(config, shards)
     return dict(iter_merged(shards, config))
@@ -400,8 +515,10 @@ def single_model_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _to_safetensors(value: np.ndarray) -> np.ndarray:
+def _to_safetensors(value: np.ndarray | Concat) -> np.ndarray | Concat:
     """paddle.load(return_numpy=True) gives bf16 as raw uint16; store it as BF16, bit for bit."""
+    if isinstance(value, Concat):
+        return Concat(tuple(_to_safetensors(p) for p in value.parts), value.axis)
     if value.dtype == np.uint16:
         import ml_dtypes
 
@@ -424,19 +541,32 @@ def _bytes_of(value: np.ndarray) -> memoryview:
     return memoryview(value.reshape(-1).view(np.uint8))
 
 
-def _sha256_parts(parts: list[memoryview]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part)  # releases the GIL: runs beside the file write
-    return h.hexdigest()
+def _tensor_bytes(values: Iterable[np.ndarray | Concat]) -> Iterator[memoryview]:
+    """Each tensor's bytes in file order; a Concat's come from its parts, not from a new array.
+
+    Axis-0 parts are already the merged bytes back to back. Other axes are joined into one scratch
+    buffer reused for every tensor (fresh memory is what costs, see Concat), so the consumer must
+    be done with a chunk before asking for the next one.
+    """
+    scratch = np.empty(0, np.uint8)
+    for value in values:
+        if not isinstance(value, Concat):
+            yield _bytes_of(value)
+        elif value.axis == 0:
+            yield from (_bytes_of(p) for p in value.parts)
+        else:
+            if scratch.nbytes < value.nbytes:
+                scratch = np.empty(value.nbytes, np.uint8)
+            out = scratch[: value.nbytes].view(value.dtype).reshape(value.shape)
+            yield _bytes_of(value.materialize(out=out))
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray | Concat], metadata: Mapping[str, str]) -> str:
     """Write a safetensors file straight from the arrays' memory and return its sha256.
 
     safetensors.numpy.save_file first copies every tensor into a bytes object and cannot hash on
     the way; this writes the same format (loaded back by safetensors in the tests) without the copy,
-    hashing the bytes in a second thread while they are written, so no read-back pass is needed.
+    hashing each chunk in a second thread while it is written, so no read-back pass is needed.
     Tensors are laid out like the Rust writer: larger dtypes first, then by name.
     """
     order = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
@@ -451,14 +581,15 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
         offset += value.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keeps the tensor data 8-byte aligned
-    parts = [memoryview(len(head).to_bytes(8, "little")), memoryview(head)]
-    parts += [_bytes_of(tensors[name]) for name in order]
-    with ThreadPoolExecutor(max_workers=1) as hasher:
-        digest = hasher.submit(_sha256_parts, parts)
-        with open(path, "wb") as fh:
-            for part in parts:
-                fh.write(part)
-        return digest.result()
+    sha = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=1) as hasher, open(path, "wb") as fh:
+        fh.write(len(head).to_bytes(8, "little") + head)
+        sha.update(len(head).to_bytes(8, "little") + head)
+        for chunk in _tensor_bytes(tensors[name] for name in order):
+            hashed = hasher.submit(sha.update, chunk)  # releases the GIL: runs beside the write
+            fh.write(chunk)
+            hashed.result()  # the chunk may live in _tensor_bytes' scratch buffer
+    return sha.hexdigest()
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -503,7 +634,7 @@ def write_model_dir(
     try:
         items = state.items() if isinstance(state, Mapping) else state
         part_of: dict[str, int] = {}
-        buf: dict[str, np.ndarray] = {}
+        buf: dict[str, np.ndarray | Concat] = {}
         buf_bytes = 0
         total = 0
         parts = 0
@@ -581,7 +712,10 @@ def merge_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     provenance: Mapping[str, Any] | None = None,
 ) -> str:
-    """Checkpoint folder -> loadable model dir, streaming stage by stage (13B pp8: ~2 stages + 2 output shards in RAM).
+    """Checkpoint folder -> loadable model dir, streaming stage by stage.
+
+    Memory: the shards' pages of ~2 stages + 2 output shards (mapped files, so page cache the kernel
+    can reclaim) plus one buffer the size of the largest column-split tensor.
 
     Tokenizer and generation files next to the shards are copied so the output stands alone.
     """
@@ -607,5 +741,5 @@ def merge_checkpoint(
     }
     log.info("merging %d shards (tp=%d, pp=%d) from %s", len(shards.files), shards.tp, shards.pp, ckpt_dir)
     return write_model_dir(
-        iter_merged(shards, config_dict), config_dict, out_dir, max_shard_bytes, extra, provenance
+        iter_merged(shards, config_dict, lazy=True), config_dict, out_dir, max_shard_bytes, extra, provenance
     )
