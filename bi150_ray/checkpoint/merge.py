@@ -220,10 +220,21 @@ class _MappedFile:
         return len(data)
 
 
+# What paddle.save puts in a state-dict pickle. Nothing else is resolved, so a tampered shard cannot
+# run code through the unpickler (pickle's own find_class would import any callable it names).
+_PICKLE_GLOBALS = {
+    ("numpy", "dtype"), ("numpy", "ndarray"), ("collections", "OrderedDict"),
+    ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
 class _ShardUnpickler(pickle._Unpickler):  # the pure-Python one: it hands our memoryviews through
     def find_class(self, module: str, name: str) -> Any:
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return _array_stub
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a Paddle state dict holds only arrays")
         return super().find_class(module, name)
 
 

@@ -38,3 +38,19 @@ def test_mapped_load_rejects_non_state_dicts(tmp_path):
     paddle.save([paddle.to_tensor(np.zeros(3, np.float32))], str(listed))
     with pytest.raises(merge.MergeError, match="list.pdparams: does not hold a non-empty state dict"):
         merge._load_shard(str(listed))
+
+
+def test_a_shard_that_names_any_other_callable_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "model_state.pdparams"
+    bad.write_bytes(pickle.dumps({"a.weight": np.zeros(3, np.float32), "b": Exploit()}, protocol=4))
+    with pytest.raises(merge.MergeError, match=r"model_state.pdparams: .*refusing (io|builtins)\.open"):
+        merge._load_shard(str(bad))
+    assert not marker.exists()
