@@ -83,6 +83,22 @@ def _assert_same(ours: tuple[np.ndarray, ...], theirs: tuple[np.ndarray, ...]) -
         assert np.array_equal(a, b), name
 
 
+def _assert_same_blend(o, t, n: int, corpora, rng, probes: int) -> None:
+    """Our BlendPlan equals PaddleNLP's BlendableDataset: indices, dtypes, per-dataset plans, samples."""
+    assert isinstance(o, BlendPlan) and len(o) == len(t) == n
+    assert o.dataset_index.dtype == t.dataset_index.dtype == np.int16
+    assert np.array_equal(o.dataset_index, t.dataset_index)
+    assert o.dataset_sample_index.dtype == t.dataset_sample_index.dtype == np.int64
+    assert np.array_equal(o.dataset_sample_index, t.dataset_sample_index)
+    assert o.desc == t.desc
+    for oc, tc in zip(o.datasets, t.datasets, strict=True):
+        _assert_same(tuple(getattr(oc, k) for k in ARRAYS), tuple(getattr(tc, k) for k in ARRAYS))
+    for i in sorted({0, n - 1, *rng.randint(0, n, size=probes).tolist()}):
+        d, tokens = o.sample(corpora, i)
+        item = t[i]
+        assert d == item["dataset_idx"] and np.array_equal(tokens, item["text"]), i
+
+
 def _paddle_indices(pd, tmp: Path, sizes, documents, seq_length, num_samples, seed, split="949,50,1"):
     cache = tmp / "paddle-cache"
     prefix = str(tmp / "nowhere" / "corpus")  # its index-cache never exists
@@ -315,18 +331,7 @@ def test_blend_matches_paddlenlp(pd, tmp_path: Path) -> None:
     ours = build_plan(data_prefix, "90,7,3", targets, seq_length, seed, data_cache_path=tmp_path / "ours")
     corpora = [MMapCorpus(a), MMapCorpus(b)]
     for t, o, n in zip(theirs, ours, targets, strict=True):
-        assert isinstance(o, BlendPlan) and len(o) == len(t) == n
-        assert o.dataset_index.dtype == t.dataset_index.dtype == np.int16
-        assert np.array_equal(o.dataset_index, t.dataset_index)
-        assert o.dataset_sample_index.dtype == t.dataset_sample_index.dtype == np.int64
-        assert np.array_equal(o.dataset_sample_index, t.dataset_sample_index)
-        assert o.desc == t.desc
-        for oc, tc in zip(o.datasets, t.datasets, strict=True):
-            _assert_same(tuple(getattr(oc, k) for k in ARRAYS), tuple(getattr(tc, k) for k in ARRAYS))
-        for i in sorted({0, n - 1, *rng.randint(0, n, size=40).tolist()}):
-            d, tokens = o.sample(corpora, i)
-            item = t[i]
-            assert d == item["dataset_idx"] and np.array_equal(tokens, item["text"])
+        _assert_same_blend(o, t, n, corpora, rng, probes=40)
     assert _files(tmp_path / "ours") == _files(tmp_path / "theirs")
     # and we load PaddleNLP's blend cache (memory-mapped, as it does) instead of rebuilding
     again = build_plan(data_prefix, "90,7,3", targets, seq_length, seed, data_cache_path=tmp_path / "theirs")
@@ -364,16 +369,7 @@ def test_old_format_plan_and_blend_of_both_formats_match_paddlenlp(pd, tmp_path:
     corpora = [open_corpus(old), open_corpus(new), open_corpus(both)]
     assert [type(c).__name__ for c in corpora] == ["NpyCorpus", "MMapCorpus", "NpyCorpus"]
     for t, o, n in zip(theirs, ours, targets, strict=True):
-        assert isinstance(o, BlendPlan) and len(o) == len(t) == n
-        assert np.array_equal(o.dataset_index, t.dataset_index)
-        assert np.array_equal(o.dataset_sample_index, t.dataset_sample_index)
-        assert o.desc == t.desc
-        for oc, tc in zip(o.datasets, t.datasets, strict=True):
-            _assert_same(tuple(getattr(oc, k) for k in ARRAYS), tuple(getattr(tc, k) for k in ARRAYS))
-        for i in sorted({0, n - 1, *rng.randint(0, n, size=60).tolist()}):
-            d, tokens = o.sample(corpora, i)
-            item = t[i]
-            assert d == item["dataset_idx"] and np.array_equal(tokens, item["text"]), i
+        _assert_same_blend(o, t, n, corpora, rng, probes=60)
     assert _files(tmp_path / "ours") == _files(tmp_path / "theirs")
 
     # a single old-format prefix, several epochs
