@@ -202,14 +202,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     """Pre-flight of the live cluster against one job: go/no-go table, exit 1 on no-go."""
-    from bi150_ray import config, doctor
+    from bi150_ray import cluster, config, doctor
     from bi150_ray.plan import make_plan
 
     plan = make_plan(config.load(args.config, args.runtime, **_runtime_overrides(args)))
     given = {"clock_tolerance_s": args.clock_tolerance, "collective_mb": args.mb, "min_bandwidth_mb_s": args.min_bandwidth,
              "ixsmi": args.ixsmi}  # unset flags keep DoctorOptions' defaults
     opts = doctor.DoctorOptions(collective=not args.no_collective, **{k: v for k, v in given.items() if v is not None})
-    doctor.connect()
+    cluster.connect()
     report = doctor.run_doctor(plan, opts)
     rt = plan.job.runtime
     if args.json:

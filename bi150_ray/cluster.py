@@ -31,6 +31,16 @@ from bi150_ray.envcontract import worker_environ
 from bi150_ray.errors import GangError
 from bi150_ray.events import EventTail
 
+# Ray starts worker processes at nice 15 (RAY_worker_niceness); ranks and prepare tasks would run
+# behind everything else on a busy node (see _die_with_parent and docs/DESIGN-NOTES.md).
+NICE_0 = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address`, else RAY_ADDRESS (what `ray job submit` sets), unless connected."""
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -297,8 +307,7 @@ def spawn_workers(pg: PlacementGroup, bundle_index_per_rank: list[int], resource
                 num_cpus=cpus_per_rank,
                 resources={resource: 1},
                 scheduling_strategy=strategy,
-                # Ray starts workers at nice 15 and ranks would inherit it (see _die_with_parent).
-                runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
+                runtime_env=NICE_0,
             ).remote()
         )
     return workers

@@ -110,18 +110,31 @@ def _free_agent_ports() -> dict[str, int]:
 
 
 @contextmanager
-def simulated_cluster(nodes: int, devices_per_node: int, cpus_per_node: int | None = None):
-    """A head (no BI150: it runs the driver) plus `nodes` worker nodes with BI150, on 127.0.0.1."""
+def loopback_cluster(head_cpus: int):
+    """A Ray head on 127.0.0.1 with free agent ports, connected to; shut down on exit."""
     pin_ray_to_loopback()
     import ray
     from ray.cluster_utils import Cluster
 
-    cpus = cpus_per_node or devices_per_node
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, **_free_agent_ports()},
+        head_node_args={"num_cpus": head_cpus, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+                        **_free_agent_ports()},
     )
     try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@contextmanager
+def simulated_cluster(nodes: int, devices_per_node: int, cpus_per_node: int | None = None):
+    """A head (no BI150: it runs the driver) plus `nodes` worker nodes with BI150, on 127.0.0.1."""
+    import ray
+
+    cpus = cpus_per_node or devices_per_node
+    with loopback_cluster(head_cpus=1) as cluster:
         for i in range(nodes):
             cluster.add_node(
                 num_cpus=cpus,
@@ -133,9 +146,6 @@ def simulated_cluster(nodes: int, devices_per_node: int, cpus_per_node: int | No
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @dataclass

@@ -558,14 +558,6 @@ def run_doctor(plan, opts: DoctorOptions = DoctorOptions()) -> DoctorReport:
     return DoctorReport(req, facts, results, collective, time.time() - t0)
 
 
-def connect() -> None:
-    """Join the cluster at RAY_ADDRESS (or the local one), as the driver does."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
-
-
 def preflight(plan, say: Callable[[str], None], collective: bool = False) -> DoctorReport:
     """The job-start gate: raise PreflightError on no-go, else one line of what was checked."""
     report = run_doctor(plan, DoctorOptions(collective=collective, judge_node_count=False))

@@ -88,12 +88,11 @@ class PretrainJob:
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> JobResult:
-        import ray
+        from bi150_ray import cluster
 
         plan, rt = self.plan, self.job.runtime
         self._say(self._describe_plan())
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        cluster.connect()
         if rt.preflight:  # stop a bad cluster before any rank starts (PreflightError lists each fix)
             from bi150_ray import doctor
 

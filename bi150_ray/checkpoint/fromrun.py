@@ -110,8 +110,7 @@ def _ray_sources(rec: dict[str, Any], ckpt: RecordedCheckpoint, address: str, wh
 
     from bi150_ray import cluster
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+    cluster.connect(address)
     attempts = rec.get("attempts", [])
     nodes = {n["node_index"]: n for n in attempts[ckpt.attempt - 1]["nodes"]} if 0 < ckpt.attempt <= len(attempts) else {}
     alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}

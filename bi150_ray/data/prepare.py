@@ -629,27 +629,13 @@ def local_ray(num_cpus: int | None = None) -> Iterator[str]:
 
     Yields its address, so other processes (``jobs/prepare_data.py`` in tests) can join it.
     """
-    from bi150_ray.demo import _free_agent_ports, pin_ray_to_loopback
-
-    pin_ray_to_loopback()
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": num_cpus or os.cpu_count() or 1,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            **_free_agent_ports(),
-        },
-    )
-    try:
+    from bi150_ray.demo import loopback_cluster
+
+    with loopback_cluster(head_cpus=num_cpus or os.cpu_count() or 1) as cluster:
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster.address
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _check_tokenizer_path(path: str) -> None:
@@ -714,10 +700,12 @@ def task_options(cfg: PrepareConfig) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from bi150_ray.cluster import NICE_0
+
     options: dict[str, Any] = {
         "num_cpus": 1,
         "max_retries": 0,
-        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
+        "runtime_env": NICE_0,
     }
     if not cfg.spread:
         node = ray.get_runtime_context().get_node_id()
