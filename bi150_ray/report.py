@@ -27,7 +27,7 @@ def restarts(rec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _plot(rec: dict[str, Any], path: str) -> bool:
+def _plot(rec: dict[str, Any], marks: list[dict[str, Any]], path: str) -> bool:
     steps, evals = rec.get("steps", []), rec.get("evals", [])
     if not steps:
         return False
@@ -36,7 +36,6 @@ def _plot(rec: dict[str, Any], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    marks = restarts(rec)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 3.6))
     ax1.plot([s["global_step"] for s in steps], [s["loss"] for s in steps], ".", ms=2, label="train loss")
     if evals:
@@ -70,7 +69,8 @@ def write_report(record_path: str) -> str:
     rec = runrecord.load(record_path)
     out_dir = os.path.dirname(record_path)
     steps, evals = rec.get("steps", []), rec.get("evals", [])
-    has_plot = _plot(rec, os.path.join(out_dir, "curves.png"))
+    marks = restarts(rec)
+    has_plot = _plot(rec, marks, os.path.join(out_dir, "curves.png"))
     train = rec.get("final", {}).get("train_metrics", {})
     lines = [
         f"# Run {rec['run_name']}",
@@ -102,7 +102,6 @@ def write_report(record_path: str) -> str:
         host = [p["host_peak_rss_bytes"] for p in peaks.values() if "host_peak_rss_bytes" in p]
         lines += [f"- peak device memory per rank: {_gib(max(dev)) + ' (highest rank)' if dev else 'not reported by this backend'}"
                   + (f"; peak host RSS per rank: {_gib(max(host))} (highest rank)" if host else "")]
-    marks = restarts(rec)
     lines += ["", "## Attempts", ""]
     for a in rec.get("attempts", []):
         lines.append(f"- #{a['number']}: {a['outcome']} {('— ' + a['cause'].splitlines()[0]) if a.get('cause') else ''}"
