@@ -99,7 +99,11 @@ def _scrape_ray_metrics(names: set[str], timeout_s: float = 60.0) -> dict[str, f
     while time.time() < deadline and set(found) != names:
         for node in ray.nodes():
             url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
-            for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+            try:
+                body = urllib.request.urlopen(url, timeout=10).read().decode()
+            except OSError:  # a node's exporter not (yet) answering: ask again until the deadline
+                continue
+            for line in body.splitlines():
                 name = line.split("{", 1)[0]
                 if name in names and 'run="demo"' in line:
                     found[name] = float(line.rsplit(" ", 1)[1])
