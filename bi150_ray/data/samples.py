@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bi150_ray.data.mmap_format import Corpus, open_corpus
+from bi150_ray.data.shuffle import shuffle
 
 __all__ = [
     "BLEND_EXTRA_SAMPLES",
@@ -191,10 +192,10 @@ def _shuffled_tiles(
     n = len(documents)
     doc_idx = np.tile(documents.astype(np.int64), num_epochs)
     if separate and num_epochs > 1:
-        rng.shuffle(doc_idx[: (num_epochs - 1) * n])
-        rng.shuffle(doc_idx[(num_epochs - 1) * n :])
+        shuffle(rng, doc_idx[: (num_epochs - 1) * n])
+        shuffle(rng, doc_idx[(num_epochs - 1) * n :])
     else:
-        rng.shuffle(doc_idx)
+        shuffle(rng, doc_idx)
     return doc_idx
 
 
@@ -287,9 +288,9 @@ def _shuffled_range(num_samples: int, total_size: int, rng: np.random.RandomStat
     """
     dtype = np.int64 if total_size >= np.iinfo(np.uint32).max - 1 else np.uint32
     idx = np.arange(total_size, dtype=np.int64)
-    rng.shuffle(idx[:num_samples])
+    shuffle(rng, idx[:num_samples])
     if num_samples != total_size:
-        rng.shuffle(idx[num_samples:])
+        shuffle(rng, idx[num_samples:])
     return idx.astype(dtype, copy=False)
 
 

@@ -1,0 +1,18 @@
+"""Only the optional C extension lives here; everything else is in pyproject.toml.
+
+``optional=True``: where no C compiler is installed (a BI150 node may lack one), the build goes on
+without it and ``bi150_ray.data.shuffle`` falls back to NumPy's own shuffle (same plan, slower).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "bi150_ray.data._fisher_yates",
+            sources=["bi150_ray/data/_fisher_yates.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        )
+    ]
+)

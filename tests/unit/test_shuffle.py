@@ -1,0 +1,94 @@
+"""bi150_ray.data.shuffle: the compiled Fisher-Yates must permute exactly as RandomState.shuffle
+and leave the generator where NumPy leaves it (every later draw of the plan depends on it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bi150_ray.data import shuffle as shuffle_mod
+from bi150_ray.data.shuffle import shuffle
+
+
+def test_the_extension_was_built() -> None:
+    # `pip install -e .` builds it wherever a C compiler is (CI, the demo venv); without it every
+    # test below would pass through NumPy's fallback and prove nothing about the compiled code.
+    assert shuffle_mod.COMPILED, "bi150_ray.data._fisher_yates is missing: reinstall with a C compiler present"
+
+
+# Sizes around the generator's 624-word refills and the power-of-two mask boundaries.
+SIZES = [0, 1, 2, 3, 5, 16, 17, 33, 623, 624, 625, 1025, 4097, 100_003]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint64])
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**32 - 1])
+def test_same_permutation_and_generator_state(dtype, seed: int) -> None:
+    theirs_rng, ours_rng = np.random.RandomState(seed), np.random.RandomState(seed)
+    for n in SIZES:  # one generator through all sizes: every call starts mid-stream
+        theirs = np.arange(n, dtype=dtype)
+        ours = theirs.copy()
+        theirs_rng.shuffle(theirs)
+        shuffle(ours_rng, ours)
+        np.testing.assert_array_equal(ours, theirs)
+        assert ours.dtype == theirs.dtype
+    a, b = theirs_rng.get_state(), ours_rng.get_state()
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2:] == b[2:]
+    assert theirs_rng.randint(0, 2**31, size=8).tolist() == ours_rng.randint(0, 2**31, size=8).tolist()
+
+
+def test_values_not_just_positions() -> None:
+    # Repeated and arbitrary values (a doc_idx holds every document once per epoch).
+    values = np.tile(np.random.RandomState(7).randint(-5, 10**9, size=3001), 3).astype(np.int64)
+    theirs, ours = values.copy(), values.copy()
+    np.random.RandomState(9).shuffle(theirs)
+    shuffle(np.random.RandomState(9), ours)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_views_and_the_gaussian_cache_survive() -> None:
+    rng_a, rng_b = np.random.RandomState(5), np.random.RandomState(5)
+    rng_a.standard_normal(), rng_b.standard_normal()  # leaves a cached gaussian in the state
+    a = np.arange(10_000, dtype=np.int64)
+    b = a.copy()
+    rng_a.shuffle(a[:6000])  # contiguous slices, the way doc_idx's last epoch is shuffled apart
+    rng_a.shuffle(a[6000:])
+    shuffle(rng_b, b[:6000])
+    shuffle(rng_b, b[6000:])
+    np.testing.assert_array_equal(a, b)
+    assert rng_a.standard_normal() == rng_b.standard_normal()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.arange(3000, dtype=np.int64)[::2],  # strided
+        lambda: np.arange(3000, dtype=np.int16),  # item size NumPy handles, the C code does not
+        lambda: np.arange(3000, dtype=np.float64),
+        lambda: np.arange(3000, dtype=np.int64).reshape(1000, 3),  # shuffles rows
+    ],
+    ids=["strided", "int16", "float64", "2-d"],
+)
+def test_other_arrays_fall_back_to_numpy(make) -> None:
+    theirs, ours = make(), make()
+    np.random.RandomState(3).shuffle(theirs)
+    shuffle(np.random.RandomState(3), ours)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_numpy_path_on_request() -> None:
+    theirs, ours = np.arange(5000, dtype=np.int64), np.arange(5000, dtype=np.int64)
+    np.random.RandomState(1).shuffle(theirs)
+    shuffle(np.random.RandomState(1), ours, compiled=False)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_extension_refuses_bad_state() -> None:
+    key = np.zeros(624, dtype=np.uint32)
+    data = np.arange(10, dtype=np.int64)
+    with pytest.raises(ValueError, match="position"):
+        shuffle_mod._fisher_yates.shuffle(data, 8, key, 625)
+    with pytest.raises(ValueError, match="624"):
+        shuffle_mod._fisher_yates.shuffle(data, 8, key[:10], 0)
+    with pytest.raises(ValueError, match="item size"):
+        shuffle_mod._fisher_yates.shuffle(data, 2, key, 0)
