@@ -10,7 +10,7 @@ HF_STAMP := $(HF_VENV)/.installed
 
 .PHONY: install demo test unit integration lint bench clean
 
-$(STAMP): pyproject.toml setup.py bi150_ray/data/_fisher_yates.c
+$(STAMP): pyproject.toml setup.py bi150_ray/data/_kernels.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[cpu,dev]"

@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "bi150_ray.data._fisher_yates",
-            sources=["bi150_ray/data/_fisher_yates.c"],
+            "bi150_ray.data._kernels",
+            sources=["bi150_ray/data/_kernels.c"],
             extra_compile_args=["-O3"],
             optional=True,
         )

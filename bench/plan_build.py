@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bi150_ray.data import shuffle  # noqa: E402
+from bi150_ray.data import kernels  # noqa: E402
 from bi150_ray.data.mmap_format import MMapCorpus, MMapWriter  # noqa: E402
 from bi150_ray.data.samples import GPTPlan, build_plan, get_sample, target_samples  # noqa: E402
 
@@ -216,8 +216,8 @@ def main() -> int:
         )
         print(
             f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
-            f"load average at start {os.getloadavg()[0]:.2f}; our shuffle: "
-            + ("compiled (bi150_ray.data._fisher_yates)" if shuffle.COMPILED else "NumPy (extension not built)")
+            f"load average at start {os.getloadavg()[0]:.2f}; our plan kernels: "
+            + ("compiled (bi150_ray.data._kernels)" if kernels.COMPILED else "NumPy (extension not built)")
         )
         ok = True
         plans: tuple = ()

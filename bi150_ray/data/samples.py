@@ -27,8 +27,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from bi150_ray.data import kernels
 from bi150_ray.data.mmap_format import Corpus, open_corpus
-from bi150_ray.data.shuffle import shuffle
 
 __all__ = [
     "BLEND_EXTRA_SAMPLES",
@@ -181,29 +181,36 @@ def _epoch_layout(tokens_per_epoch: int, seq_length: int, num_samples: int) -> t
 
 
 def _shuffled_tiles(
-    documents: np.ndarray, num_epochs: int, rng: np.random.RandomState, separate: bool
+    documents: np.ndarray, num_epochs: int, rng: np.random.RandomState, separate: bool, dtype: type
 ) -> np.ndarray:
-    """``_build_doc_idx`` as int64 (the caller narrows it to PaddleNLP's int32): same RNG draws,
-    same permutation.
+    """``_build_doc_idx`` (PaddleNLP's is int32): same RNG draws, same permutation.
 
     PaddleNLP tiles through ``np.mgrid`` (two int64 grids) and shuffles int32. RandomState's
-    shuffle draws the same swaps whatever the item size, and its 8-byte path is the fast one.
+    shuffle draws the same swaps whatever the item size, and without the compiled kernels its
+    8-byte path is the fast one, so the NumPy-only build shuffles int64 and narrows afterwards.
     """
     n = len(documents)
-    doc_idx = np.tile(documents.astype(np.int64), num_epochs)
+    doc_idx = np.tile(documents.astype(dtype), num_epochs)
     if separate and num_epochs > 1:
-        shuffle(rng, doc_idx[: (num_epochs - 1) * n])
-        shuffle(rng, doc_idx[(num_epochs - 1) * n :])
+        kernels.shuffle(rng, doc_idx[: (num_epochs - 1) * n])
+        kernels.shuffle(rng, doc_idx[(num_epochs - 1) * n :])
     else:
-        shuffle(rng, doc_idx)
+        kernels.shuffle(rng, doc_idx)
     return doc_idx
 
 
 def build_sample_idx(
-    sizes: npt.ArrayLike, doc_idx: np.ndarray, seq_length: int, num_epochs: int, tokens_per_epoch: int
+    sizes: npt.ArrayLike,
+    doc_idx: np.ndarray,
+    seq_length: int,
+    num_epochs: int,
+    tokens_per_epoch: int,
+    *,
+    compiled: bool = True,
 ) -> np.ndarray:
-    """``fast_dataindex.helpers.build_sample_idx``, vectorised: int32 ``[S + 1, 2]`` rows of
-    (position in doc_idx, token offset) where each sample starts.
+    """``fast_dataindex.helpers.build_sample_idx``: int32 ``[S + 1, 2]`` rows of (position in
+    doc_idx, token offset) where each sample starts. The compiled walk when it was built (and
+    ``compiled``), else vectorised NumPy.
 
     The C++ walk consumes ``seq_length + 1`` tokens per sample with one token of overlap, so
     sample k starts at flat token position ``k * seq_length`` of the shuffled document stream,
@@ -216,7 +223,10 @@ def build_sample_idx(
     if len(doc_idx) and (int(doc_idx.min()) < 0 or int(doc_idx.max()) >= len(sizes)):
         raise ValueError(f"doc_idx must index sizes, [0, {len(sizes)})")
     out = _empty_sample_idx(num_epochs * tokens_per_epoch, seq_length)
-    end = _fill_rows(sizes, doc_idx, seq_length, out, 0, len(doc_idx), 0, forward=True)
+    if compiled and kernels.COMPILED:
+        end = kernels.sample_starts(sizes, doc_idx, seq_length, out)
+    else:
+        end = _fill_rows(sizes, doc_idx, seq_length, out, 0, len(doc_idx), 0, forward=True)
     _check_tokens(end, num_epochs * tokens_per_epoch)
     return out
 
@@ -284,13 +294,14 @@ def _fill_rows(
 def _shuffled_range(num_samples: int, total_size: int, rng: np.random.RandomState) -> np.ndarray:
     """``_build_shuffle_idx``: uint32 (int64 from 2**32 - 2 samples on), same permutation.
 
-    Shuffled as int64 for RandomState's faster 8-byte path, then narrowed.
+    Without the compiled kernels, shuffled as int64 for RandomState's faster 8-byte path, then
+    narrowed.
     """
     dtype = np.int64 if total_size >= np.iinfo(np.uint32).max - 1 else np.uint32
-    idx = np.arange(total_size, dtype=np.int64)
-    shuffle(rng, idx[:num_samples])
+    idx = np.arange(total_size, dtype=dtype if kernels.COMPILED else np.int64)
+    kernels.shuffle(rng, idx[:num_samples])
     if num_samples != total_size:
-        shuffle(rng, idx[num_samples:])
+        kernels.shuffle(rng, idx[num_samples:])
     return idx.astype(dtype, copy=False)
 
 
@@ -330,12 +341,23 @@ def _build(
     tokens_per_epoch = int(np.sum(sizes[docs], dtype=np.int64))
     num_epochs, separate, from_prev = _epoch_layout(tokens_per_epoch, seq_length, num_samples)
     rng = np.random.RandomState(seed=seed)
-    doc_idx64 = _shuffled_tiles(docs, num_epochs, rng, separate)
     total_tokens = num_epochs * tokens_per_epoch
     total = (total_tokens - 1) // seq_length
     first = total if not separate else from_prev
-    doc_idx = np.empty(len(doc_idx64), dtype=np.int32)
     sample_idx = _empty_sample_idx(total_tokens, seq_length)
+    if kernels.COMPILED:
+        # After the doc_idx shuffles, sample_idx needs only doc_idx and shuffle_idx only the RNG
+        # state: the walk runs on a worker while the shuffle runs here (both release the GIL).
+        doc_idx = _shuffled_tiles(docs, num_epochs, rng, separate, np.int32)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            walked = pool.submit(kernels.sample_starts, sizes, doc_idx, seq_length, sample_idx)
+            shuffle_idx = _shuffled_range(first, total, rng)
+            _check_tokens(walked.result(), total_tokens)
+        return doc_idx, sample_idx, shuffle_idx, num_epochs, separate
+
+    # NumPy only: the same three arrays, slower.
+    doc_idx64 = _shuffled_tiles(docs, num_epochs, rng, separate, np.int64)
+    doc_idx = np.empty(len(doc_idx64), dtype=np.int32)
 
     def front(hi: int) -> int:
         end = _fill_rows(sizes, doc_idx64, seq_length, sample_idx, 0, hi, 0, forward=True)
@@ -346,10 +368,9 @@ def _build(
         _check_tokens(front(len(doc_idx64)), total_tokens)
         shuffle_idx = _shuffled_range(first, total, rng)
     else:
-        # After the doc_idx shuffles the rest splits in two: shuffle_idx needs only the RNG state
-        # and the sample count; sample_idx is filled from the front by a worker and from the back
-        # (which starts at the known total) here. RandomState.shuffle and the NumPy kernels drop
-        # the GIL, so the two run side by side.
+        # shuffle_idx needs only the RNG state and the sample count; sample_idx is filled from the
+        # front by a worker and from the back (which starts at the known total) here.
+        # RandomState.shuffle and the NumPy kernels drop the GIL, so the two run side by side.
         half = len(doc_idx64) // 2
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(front, half)

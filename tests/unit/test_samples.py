@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bi150_ray.data import samples
+from bi150_ray.data import kernels, samples
 from bi150_ray.data.mmap_format import MMapCorpus, MMapWriter, open_corpus, write_npy_corpus
 from bi150_ray.data.samples import (
     BlendPlan,
@@ -166,6 +166,17 @@ def _sizes(kind: str, n: int, rng: np.random.RandomState) -> np.ndarray:
     return rng.randint(1, 120, size=n).astype(np.int32)
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def builder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each plan test twice: with the C kernels (the dev install builds them) and NumPy-only, the
+    build a node without a C compiler runs."""
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels, "COMPILED", False)
+    else:
+        assert kernels.COMPILED, "bi150_ray.data._kernels was not built: reinstall with a C compiler present"
+    return request.param
+
+
 # (sizes kind, n docs, documents [lo, hi), seq_length, num_samples, seed, expected separate_last_epoch)
 CASES = [
     ("mixed", 100, (0, 100), 10, 5, 1, False),  # one epoch
@@ -182,7 +193,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-L{c[3]}-n{c[4]}" for c in CASES])
-def test_build_indices_match_paddlenlp(pd, tmp_path: Path, case) -> None:
+def test_build_indices_match_paddlenlp(pd, builder, tmp_path: Path, case) -> None:
     kind, n, (lo, hi), seq_length, num_samples, seed, _ = case
     sizes = _sizes(kind, n, np.random.RandomState(seed))
     sizes[lo] = max(int(sizes[lo]), 2)  # at least 2 tokens in the split
@@ -208,7 +219,7 @@ def test_build_indices_match_paddlenlp(pd, tmp_path: Path, case) -> None:
     )
 
 
-def test_both_separate_last_epoch_branches_match(pd, tmp_path: Path) -> None:
+def test_both_separate_last_epoch_branches_match(pd, builder, tmp_path: Path) -> None:
     # tokens_per_epoch 1000, seq_length 10: 99 samples per epoch, 199 in the first two of 3 epochs;
     # the last epoch separates below int(0.8 * 99) = 79 samples: 11 and 78 do, 79 and 81 do not.
     sizes = np.full(100, 10, dtype=np.int32)
@@ -223,7 +234,8 @@ def test_both_separate_last_epoch_branches_match(pd, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("separate", [True, False])
 def test_threaded_build_matches(pd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, separate: bool) -> None:
-    """The two-thread tail (front/back halves of sample_idx) on the same cases."""
+    """The NumPy-only build's two-thread tail (front/back halves of sample_idx) on the same cases."""
+    monkeypatch.setattr(kernels, "COMPILED", False)
     monkeypatch.setattr(samples, "_THREAD_MIN", 0)
     monkeypatch.setattr(samples, "_DOC_CHUNK", 7)  # many chunks, both directions
     rng = np.random.RandomState(3)
@@ -237,7 +249,7 @@ def test_threaded_build_matches(pd, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     _assert_same(build_indices(sizes, docs, seq_length, num_samples, 123), theirs)
 
 
-def test_build_sample_idx_matches_the_cxx_helper(pd) -> None:
+def test_build_sample_idx_matches_the_cxx_helper(pd, builder) -> None:
     helpers = pytest.importorskip("fast_dataindex.helpers")
     rng = np.random.RandomState(0)
     for trial in range(40):
@@ -297,7 +309,7 @@ def _files(d: Path) -> dict[str, bytes]:
     ("split", "targets", "seq_length", "seed"),
     [("949,50,1", [500, 40, 20], 64, 1234), ("8,1,1", [60, 30, 10], 300, 7), ("1,1,0", [5000, 3, 0], 16, 42)],
 )
-def test_plan_and_samples_match_paddlenlp(pd, tmp_path: Path, split, targets, seq_length, seed) -> None:
+def test_plan_and_samples_match_paddlenlp(pd, builder, tmp_path: Path, split, targets, seq_length, seed) -> None:
     rng = np.random.RandomState(seed)
     lengths = np.concatenate([rng.randint(1, 4, size=100), rng.randint(1, 500, size=400)])
     rng.shuffle(lengths)

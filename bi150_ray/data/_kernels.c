@@ -1,6 +1,11 @@
 /*
- * NumPy's legacy RandomState.shuffle of a 1-D integer array, replayed with the same MT19937 draws
- * and therefore the same permutation, but with the swap targets drawn ahead and prefetched.
+ * The two loops of the sample-plan build that NumPy cannot vectorise, with outputs equal to
+ * PaddleNLP's (bi150_ray/data/kernels.py calls them; it falls back to NumPy when this module was
+ * not built).
+ *
+ * shuffle: NumPy's legacy RandomState.shuffle of a 1-D integer array, replayed with the same
+ * MT19937 draws and therefore the same permutation, but with the swap targets drawn ahead and
+ * prefetched.
  *
  * Why: the sample plan must equal PaddleNLP's bit for bit, and PaddleNLP shuffles doc_idx (tens of
  * millions of entries at the reference job's size) with RandomState.shuffle. That shuffle is most of
@@ -146,13 +151,83 @@ static PyObject *shuffle(PyObject *self, PyObject *args)
     return result;
 }
 
+/*
+ * sample_starts: PaddleNLP's fast_dataindex build_sample_idx. Sample k starts at flat token k*L of
+ * the shuffled document stream (samples overlap by one token); its row is (position in doc_idx of
+ * the document holding that token, offset in it). A token belongs to the first document whose end
+ * lies past it, so empty documents are passed over as the C++ walk passes over them. Row 0 is
+ * (0, 0) and is left to the caller. Returns the stream's token count, or -1 when doc_idx names a
+ * document outside sizes.
+ */
+#define WALK(T)                                                                       \
+    static int64_t walk_##T(const int32_t *sizes, int64_t n_sizes, const T *doc_idx,  \
+                            int64_t n_docs, int64_t L, int32_t *out, int64_t rows)    \
+    {                                                                                 \
+        int64_t start = 0, k = 1, next = L, d;                                        \
+        for (d = 0; d < n_docs; d++) {                                                \
+            int64_t doc = (int64_t)doc_idx[d], end;                                   \
+            if (doc < 0 || doc >= n_sizes)                                            \
+                return -1;                                                            \
+            end = start + sizes[doc];                                                 \
+            while (next < end && k < rows) {                                          \
+                out[2 * k] = (int32_t)d;                                              \
+                out[2 * k + 1] = (int32_t)(next - start);                             \
+                k++;                                                                  \
+                next += L;                                                            \
+            }                                                                         \
+            start = end;                                                              \
+        }                                                                             \
+        return start;                                                                 \
+    }
+
+WALK(int32_t)
+WALK(int64_t)
+
+static PyObject *sample_starts(PyObject *self, PyObject *args)
+{
+    Py_buffer sizes, docs, out;
+    Py_ssize_t doc_itemsize, seq_length;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*nnw*", &sizes, &docs, &doc_itemsize, &seq_length, &out))
+        return NULL;
+    if (doc_itemsize != 4 && doc_itemsize != 8) {
+        PyErr_Format(PyExc_ValueError, "doc_idx item size must be 4 or 8 bytes, got %zd", doc_itemsize);
+    } else if (seq_length < 1) {
+        PyErr_SetString(PyExc_ValueError, "seq_length must be >= 1");
+    } else if (sizes.len % 4 || docs.len % doc_itemsize || out.len % 8 || ((uintptr_t)sizes.buf % 4) ||
+               ((uintptr_t)docs.buf % doc_itemsize) || ((uintptr_t)out.buf % 4)) {
+        PyErr_SetString(PyExc_ValueError, "sizes must be int32, doc_idx int32/int64 and out int32 [rows, 2], aligned");
+    } else {
+        int64_t end;
+        Py_BEGIN_ALLOW_THREADS
+        if (doc_itemsize == 4)
+            end = walk_int32_t((const int32_t *)sizes.buf, sizes.len / 4, (const int32_t *)docs.buf,
+                               docs.len / 4, seq_length, (int32_t *)out.buf, out.len / 8);
+        else
+            end = walk_int64_t((const int32_t *)sizes.buf, sizes.len / 4, (const int64_t *)docs.buf,
+                               docs.len / 8, seq_length, (int32_t *)out.buf, out.len / 8);
+        Py_END_ALLOW_THREADS
+        if (end < 0)
+            PyErr_SetString(PyExc_ValueError, "doc_idx names a document outside sizes");
+        else
+            result = PyLong_FromLongLong(end);
+    }
+    PyBuffer_Release(&sizes);
+    PyBuffer_Release(&docs);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"sample_starts", sample_starts, METH_VARARGS,
+     "sample_starts(sizes, doc_idx, doc_itemsize, seq_length, out) -> tokens: fill rows 1.. of "
+     "sample_idx (int32 [rows, 2]) as PaddleNLP's build_sample_idx does."},
     {"shuffle", shuffle, METH_VARARGS,
      "shuffle(data, itemsize, key, pos) -> pos: RandomState.shuffle of a contiguous int32/int64 "
      "buffer from MT19937 state (key updated in place)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fisher_yates", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fisher_yates(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,19 +1,20 @@
-"""bi150_ray.data.shuffle: the compiled Fisher-Yates must permute exactly as RandomState.shuffle
-and leave the generator where NumPy leaves it (every later draw of the plan depends on it)."""
+"""bi150_ray.data.kernels: the compiled Fisher-Yates must permute exactly as RandomState.shuffle
+and leave the generator where NumPy leaves it (every later draw of the plan depends on it); the
+compiled sample_idx walk is checked against PaddleNLP's C++ helper in test_samples.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bi150_ray.data import shuffle as shuffle_mod
-from bi150_ray.data.shuffle import shuffle
+from bi150_ray.data import kernels
+from bi150_ray.data.kernels import shuffle
 
 
 def test_the_extension_was_built() -> None:
     # `pip install -e .` builds it wherever a C compiler is (CI, the demo venv); without it every
     # test below would pass through NumPy's fallback and prove nothing about the compiled code.
-    assert shuffle_mod.COMPILED, "bi150_ray.data._fisher_yates is missing: reinstall with a C compiler present"
+    assert kernels.COMPILED, "bi150_ray.data._kernels is missing: reinstall with a C compiler present"
 
 
 # Sizes around the generator's 624-word refills and the power-of-two mask boundaries.
@@ -87,8 +88,22 @@ def test_the_extension_refuses_bad_state() -> None:
     key = np.zeros(624, dtype=np.uint32)
     data = np.arange(10, dtype=np.int64)
     with pytest.raises(ValueError, match="position"):
-        shuffle_mod._fisher_yates.shuffle(data, 8, key, 625)
+        kernels._kernels.shuffle(data, 8, key, 625)
     with pytest.raises(ValueError, match="624"):
-        shuffle_mod._fisher_yates.shuffle(data, 8, key[:10], 0)
+        kernels._kernels.shuffle(data, 8, key[:10], 0)
     with pytest.raises(ValueError, match="item size"):
-        shuffle_mod._fisher_yates.shuffle(data, 2, key, 0)
+        kernels._kernels.shuffle(data, 2, key, 0)
+
+
+def test_sample_starts_refuses_what_it_cannot_walk() -> None:
+    out = np.zeros((4, 2), dtype=np.int32)
+    sizes = np.array([5, 5], dtype=np.int32)
+    with pytest.raises(ValueError, match="outside sizes"):
+        kernels.sample_starts(sizes, np.array([0, 2], dtype=np.int64), 3, out)
+    with pytest.raises(ValueError, match="int32"):
+        kernels.sample_starts(sizes, np.array([0, 1]), 3, out.astype(np.int64))
+    with pytest.raises(ValueError, match="seq_length"):
+        kernels._kernels.sample_starts(sizes, np.array([0, 1], np.int32), 4, 0, out)
+    # uint16 doc ids and int64 sizes are converted, not misread
+    assert kernels.sample_starts(sizes.astype(np.int64), np.array([1, 0], dtype=np.uint16), 3, out) == 10
+    assert out[1:].tolist() == [[0, 3], [1, 1], [1, 4]]
