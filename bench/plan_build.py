@@ -20,7 +20,7 @@ random indices, alternating, reads/s of each (and the first reads checked equal)
 The default targets follow the FORK Iluvatar job's shape (spec 4.3: B=2, R=8, G=128, seq 2048,
 eval batch 256, eval_iters 1, eval every max_steps) with fewer steps.
 
-    python bench/plan_build.py [--docs 220000] [--max-steps 500] [--seq-length 2048] [--rounds 5]
+    python bench/plan_build.py [--docs 220000] [--max-steps 500] [--seq-length 2048] [--rounds 5] [--numpy-only]
 """
 
 from __future__ import annotations
@@ -199,7 +199,14 @@ def main() -> int:
     ap.add_argument(
         "--workdir", default=None, help="parent of the temporary directory (default: system temp)"
     )
+    ap.add_argument(
+        "--numpy-only",
+        action="store_true",
+        help="build our plans without the compiled kernels (what a node without a C compiler runs)",
+    )
     args = ap.parse_args()
+    if args.numpy_only:
+        kernels.COMPILED = False
 
     with silenced():
         from paddlenlp.data.causal_dataset import build_train_valid_test_datasets

@@ -349,10 +349,14 @@ def _build(
         # After the doc_idx shuffles, sample_idx needs only doc_idx and shuffle_idx only the RNG
         # state: the walk runs on a worker while the shuffle runs here (both release the GIL).
         doc_idx = _shuffled_tiles(docs, num_epochs, rng, separate, np.int32)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            walked = pool.submit(kernels.sample_starts, sizes, doc_idx, seq_length, sample_idx)
+        if len(doc_idx) + total < _THREAD_MIN:  # a thread costs more than it saves
+            _check_tokens(kernels.sample_starts(sizes, doc_idx, seq_length, sample_idx), total_tokens)
             shuffle_idx = _shuffled_range(first, total, rng)
-            _check_tokens(walked.result(), total_tokens)
+        else:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                walked = pool.submit(kernels.sample_starts, sizes, doc_idx, seq_length, sample_idx)
+                shuffle_idx = _shuffled_range(first, total, rng)
+                _check_tokens(walked.result(), total_tokens)
         return doc_idx, sample_idx, shuffle_idx, num_epochs, separate
 
     # NumPy only: the same three arrays, slower.

@@ -11,6 +11,12 @@ from bi150_ray.data import kernels
 from bi150_ray.data.kernels import shuffle
 
 
+@pytest.fixture(autouse=True)
+def compiled_for_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build hands small arrays to NumPy (faster there); here the C code gets every size."""
+    monkeypatch.setattr(kernels, "COMPILED_MIN_ITEMS", 0)
+
+
 def test_the_extension_was_built() -> None:
     # `pip install -e .` builds it wherever a C compiler is (CI, the demo venv); without it every
     # test below would pass through NumPy's fallback and prove nothing about the compiled code.
@@ -74,6 +80,13 @@ def test_other_arrays_fall_back_to_numpy(make) -> None:
     theirs, ours = make(), make()
     np.random.RandomState(3).shuffle(theirs)
     shuffle(np.random.RandomState(3), ours)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_randomstate_on_another_bit_generator() -> None:
+    theirs, ours = np.arange(50_000, dtype=np.int64), np.arange(50_000, dtype=np.int64)
+    np.random.RandomState(np.random.PCG64(4)).shuffle(theirs)
+    shuffle(np.random.RandomState(np.random.PCG64(4)), ours)
     np.testing.assert_array_equal(ours, theirs)
 
 
