@@ -224,7 +224,7 @@ def main() -> int:
         print(
             f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
             f"load average at start {os.getloadavg()[0]:.2f}; our plan kernels: "
-            + ("compiled (bi150_ray.data._kernels)" if kernels.COMPILED else "NumPy (extension not built)")
+            + ("compiled (bi150_ray.data._kernels)" if kernels.COMPILED else "NumPy only (--numpy-only or extension not built)")
         )
         ok = True
         plans: tuple = ()
