@@ -361,8 +361,6 @@ class PretrainJob:
             raise DataPlanError(f"data plan for {self.job.source}: {cause}") from None
         if rt.shared_storage:  # built only to check the data; ranks share one cache folder (share_folder)
             return None
-        if not files:
-            return None  # blends: PaddleNLP builds the blend indices in the ranks
         files_ref = ray.put(files)
         written = ray.get([
             w.install_index_cache.remote(plan.rank_args(n)["data_cache"], files_ref, corpus)

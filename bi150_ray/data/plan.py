@@ -229,19 +229,29 @@ def check_index_cache(plans) -> None:
 
 
 def cache_files(plans) -> dict[str, bytes]:
-    """The index-cache files PaddleNLP looks for, as bytes (single-prefix plans only)."""
+    """The index-cache files PaddleNLP looks for in ``data_cache``, as bytes: each single-prefix
+    plan's four files and, for a blend, every child's four plus the blend's ``.dsc``,
+    ``_index.npy`` and ``_sample_index.npy``."""
     out: dict[str, bytes] = {}
-    for plan in plans:
-        if plan is None or not isinstance(plan, samples.GPTPlan):
-            continue
+
+    def npy(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=True)
+        return buf.getvalue()
+
+    for plan in _gpt_plans(plans):
         # File names from samples.cache_paths: the one place PaddleNLP's cache naming lives.
         names = {k: os.path.basename(v) for k, v in samples.cache_paths(
             "", plan.prefix, plan.name, plan.num_samples, plan.seq_length, plan.seed, plan.split).items()}
         out[names["desc"]] = plan.desc.encode()
         for key, array in (("doc", plan.doc_idx), ("sample", plan.sample_idx), ("shuffle", plan.shuffle_idx)):
-            buf = io.BytesIO()
-            np.save(buf, array, allow_pickle=True)
-            out[names[key]] = buf.getvalue()
+            out[names[key]] = npy(array)
+    for plan in plans:
+        if isinstance(plan, samples.BlendPlan):
+            names = {k: os.path.basename(v) for k, v in samples.blend_cache_paths("", plan.desc).items()}
+            out[names["desc"]] = plan.desc.encode()
+            out[names["index"]] = npy(plan.dataset_index)
+            out[names["sample_index"]] = npy(plan.dataset_sample_index)
     return out
 
 

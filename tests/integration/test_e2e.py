@@ -190,6 +190,40 @@ def test_resume_with_a_changed_global_batch_is_refused_naming_keys_and_checkpoin
     assert [s["global_step"] for s in rec["steps"]] == list(range(1, 61))  # nothing trained
 
 
+def test_blend_job_ranks_load_the_shipped_index_files_and_build_nothing(sim_cluster, demo_cfg, tmp_path):
+    """A two-corpus blend: the driver builds the children's plans and the blend's own arrays once
+    and installs them on both nodes; every rank's PaddleNLP then finds all of them (no rank builds
+    or polls), and trains on the blend."""
+    import shutil
+
+    data = json.load(open(demo_cfg))
+    first = [f[: -len(".idx")] for f in os.listdir(data["input_dir"]) if f.endswith(".idx")][0]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for ext in (".bin", ".idx"):
+        shutil.copy(os.path.join(data["input_dir"], first + ext), copy / ("other" + ext))
+    data["input_dir"] = f"3 {os.path.join(data['input_dir'], first)} 1 {copy / 'other'}"
+    data.update(max_steps=6, eval_steps=6, save_steps=6)
+    data["runtime"]["run_name"] = "blend"
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps(data))
+    job = config.load(path)
+    result = PretrainJob(job).run()
+    assert result.status == "succeeded"
+    rec = json.load(open(result.run_record))
+    shipped = rec["data_plan"]["files"]
+    assert sum(n.endswith("_sample_index.npy") for n in shipped) == 3  # the blend of each split
+    assert sum(n.endswith("_shuffle_idx.npy") for n in shipped) == 6  # each child, each split
+    for node, ranks in ((0, (0, 1)), (1, (2, 3))):
+        logs = os.path.join(job.runtime.storage_path.replace("{node}", str(node)), "blend", "logs")
+        for r in ranks:
+            text = open(os.path.join(logs, f"workerlog.{r}")).read()
+            assert text.count("searching for blendable dataset, cache_hit=True") == 3, (node, r)
+            assert "cache_hit=False" not in text and "build_indices=True" not in text, (node, r)
+            assert text.count("searching for causual dataset, build_indices=False") == 6, (node, r)
+    assert [s["global_step"] for s in rec["steps"]] == list(range(1, 7))
+
+
 def test_gang_that_does_not_fit_fails_fast_saying_what_is_missing(sim_cluster, demo_cfg):
     job = config.load(demo_cfg, nodes=3, placement_timeout_s=3.0, run_name="too-big")
     t0 = time.time()

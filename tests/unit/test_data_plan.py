@@ -250,3 +250,37 @@ def test_resume_checked_from_trainer_state_when_the_record_has_no_keys():
     # a record entry from before this feature (no keys) falls back the same way
     with pytest.raises(data_plan.DataInputError, match="trainer_state.json says 320"):
         data_plan.check_resume_data("/ckpt/checkpoint-10", state, {}, new, allow=False)
+
+
+def test_shipped_blend_cache_files_equal_paddlenlps_own(tmp_path):
+    """A blend ships its children's index files and its own two arrays, so no rank builds either."""
+    from paddlenlp.data.causal_dataset import build_train_valid_test_datasets
+
+    from bi150_ray.data.mmap_format import MMapWriter
+
+    rng = np.random.RandomState(4)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        with MMapWriter(tmp_path / name / "c") as w:
+            for _ in range(400):
+                w.add_document(rng.randint(0, 900, size=rng.randint(1, 90)))
+    blend = f"3 {tmp_path / 'a' / 'c'} 1 {tmp_path / 'b' / 'c'}"
+    args = {"input_dir": blend, "max_steps": 20, "per_device_train_batch_size": 2, "eval_steps": 10,
+            "max_seq_length": 32, "seed": 7}
+    prefixes, targets, plans = data_plan.build(args, dataset_world_size=2, eval_iters=2, test_iters=1)
+    ours = data_plan.cache_files(plans)
+
+    cache = tmp_path / "paddle-cache"
+    build_train_valid_test_datasets(
+        data_prefix=prefixes, data_impl="mmap", splits_string="949,50,1", train_val_test_num_samples=targets,
+        seq_length=32, seed=7, skip_warmup=True, data_cache_path=str(cache),
+    )
+    theirs = {f: (cache / f).read_bytes() for f in os.listdir(cache)}
+    assert any(f.endswith("_sample_index.npy") for f in theirs)  # PaddleNLP did cache the blend
+    assert set(ours) == set(theirs)
+    for name, data in ours.items():
+        if name.endswith(".dsc"):
+            assert data == theirs[name], name
+        else:
+            a, b = np.load(io.BytesIO(data)), np.load(io.BytesIO(theirs[name]))
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
