@@ -359,12 +359,12 @@ class PretrainJob:
         except ray.exceptions.RayTaskError as exc:  # bad data is the user's to fix: say what, not how it broke
             cause = exc.cause if isinstance(exc.cause, Exception) else exc
             raise DataPlanError(f"data plan for {self.job.source}: {cause}") from None
-        if rt.shared_storage:  # built only to check the data; ranks share one cache folder (share_folder)
-            return None
         files_ref = ray.put(files)
+        # Shared storage: every node sees node 0's cache folder (share_folder), so one install serves all.
+        targets = {n: w for n, w in self._node_workers.items() if not rt.shared_storage or n == min(self._node_workers)}
         written = ray.get([
             w.install_index_cache.remote(plan.rank_args(n)["data_cache"], files_ref, corpus)
-            for n, w in self._node_workers.items()
+            for n, w in targets.items()
         ])
         self._say(f"data plan: {len(files)} index files built once in {time.time() - t0:.1f}s, "
                   f"installed on {len(written)} node(s) ({sum(written)} written, rest already identical)")

@@ -191,9 +191,10 @@ def test_resume_with_a_changed_global_batch_is_refused_naming_keys_and_checkpoin
 
 
 def test_blend_job_ranks_load_the_shipped_index_files_and_build_nothing(sim_cluster, demo_cfg, tmp_path):
-    """A two-corpus blend: the driver builds the children's plans and the blend's own arrays once
-    and installs them on both nodes; every rank's PaddleNLP then finds all of them (no rank builds
-    or polls), and trains on the blend."""
+    """A two-corpus blend on storage both nodes share: the driver builds the children's plans and
+    the blend's own arrays once and installs them once in the shared cache folder; every rank's
+    PaddleNLP then finds all of them (no rank builds or polls), and trains on the blend. (The
+    per-node install is the main e2e test's.)"""
     import shutil
 
     data = json.load(open(demo_cfg))
@@ -204,23 +205,25 @@ def test_blend_job_ranks_load_the_shipped_index_files_and_build_nothing(sim_clus
         shutil.copy(os.path.join(data["input_dir"], first + ext), copy / ("other" + ext))
     data["input_dir"] = f"3 {os.path.join(data['input_dir'], first)} 1 {copy / 'other'}"
     data.update(max_steps=6, eval_steps=6, save_steps=6)
-    data["runtime"]["run_name"] = "blend"
+    data["runtime"].update(run_name="blend", storage_path=str(tmp_path / "shared"), shared_storage=True)
     path = tmp_path / "blend.json"
     path.write_text(json.dumps(data))
-    job = config.load(path)
-    result = PretrainJob(job).run()
+    job = PretrainJob(config.load(path))
+    result = job.run()
     assert result.status == "succeeded"
     rec = json.load(open(result.run_record))
     shipped = rec["data_plan"]["files"]
     assert sum(n.endswith("_sample_index.npy") for n in shipped) == 3  # the blend of each split
     assert sum(n.endswith("_shuffle_idx.npy") for n in shipped) == 6  # each child, each split
-    for node, ranks in ((0, (0, 1)), (1, (2, 3))):
-        logs = os.path.join(job.runtime.storage_path.replace("{node}", str(node)), "blend", "logs")
-        for r in ranks:
-            text = open(os.path.join(logs, f"workerlog.{r}")).read()
-            assert text.count("searching for blendable dataset, cache_hit=True") == 3, (node, r)
-            assert "cache_hit=False" not in text and "build_indices=True" not in text, (node, r)
-            assert text.count("searching for causual dataset, build_indices=False") == 6, (node, r)
+    cache = job.plan.rank_args(0)["data_cache"]
+    assert cache == job.plan.rank_args(3)["data_cache"] and cache.startswith(str(tmp_path / "shared"))
+    assert set(os.listdir(cache)) == set(shipped)  # installed once, nothing built beside it
+    logs = os.path.join(str(tmp_path / "shared"), "blend", "logs")
+    for r in range(4):
+        text = open(os.path.join(logs, f"workerlog.{r}")).read()
+        assert text.count("searching for blendable dataset, cache_hit=True") == 3, r
+        assert "cache_hit=False" not in text and "build_indices=True" not in text, r
+        assert text.count("searching for causual dataset, build_indices=False") == 6, r
     assert [s["global_step"] for s in rec["steps"]] == list(range(1, 7))
 
 
