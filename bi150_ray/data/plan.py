@@ -147,9 +147,31 @@ def check_inputs(args: Mapping[str, Any], prefixes: list) -> None:
             check_token_ids(corpus, *vocab)
 
 
+def fresh_vocab_size(config_vocab: int, tokenizer_vocab: int) -> int:
+    """The vocabulary a model trained from scratch gets: run_pretrain grows config.vocab_size to
+    the tokenizer's size rounded up to 128 (the rank program applies this; the data check too)."""
+    return max(int(config_vocab), ((int(tokenizer_vocab) - 1) // 128 + 1) * 128)
+
+
+def tokenizer_vocab_size(path: str) -> int | None:
+    """``tokenizer.vocab_size`` of a sentencepiece-based (LLaMA) PaddleNLP tokenizer directory,
+    read without importing PaddleNLP; None for other tokenizers."""
+    for name in ("sentencepiece.bpe.model", "tokenizer.model"):  # LlamaTokenizer's resource names
+        model = os.path.join(path, name)
+        if os.path.isfile(model):
+            import sentencepiece as spm
+
+            try:
+                return int(spm.SentencePieceProcessor(model_file=model).get_piece_size())
+            except (OSError, RuntimeError):
+                return None  # the rank will say what is wrong with it
+    return None
+
+
 def model_vocab_size(args: Mapping[str, Any]) -> tuple[int, str] | None:
-    """(vocab_size, where it came from): the model directory's config.json, else a known model
-    name; None when neither is available (then token ids are not checked)."""
+    """(vocab_size the ranks will train with, where it came from): the model directory's
+    config.json (else a known model name), grown as ``fresh_vocab_size`` when the job trains from
+    scratch and the tokenizer's size can be read; None when no size is known (ids not checked)."""
     name = args.get("model_name_or_path")
     if not name:
         return None
@@ -157,11 +179,21 @@ def model_vocab_size(args: Mapping[str, Any]) -> tuple[int, str] | None:
     if os.path.isfile(cfg):
         with open(cfg, encoding="utf-8") as fh:
             vocab = json.load(fh).get("vocab_size")
-        return (int(vocab), cfg) if vocab else None
-    from bi150_ray.plan import KNOWN_MODELS
+        found = (int(vocab), cfg) if vocab else None
+    else:
+        from bi150_ray.plan import KNOWN_MODELS
 
-    vocab = KNOWN_MODELS.get(str(name), {}).get("vocab_size")
-    return (int(vocab), f"model {name}") if vocab else None
+        vocab = KNOWN_MODELS.get(str(name), {}).get("vocab_size")
+        found = (int(vocab), f"model {name}") if vocab else None
+    if found is None or args.get("continue_training"):
+        return found
+    tokenizer = str(args.get("tokenizer_name_or_path") or name)
+    tok_vocab = tokenizer_vocab_size(tokenizer) if os.path.isdir(tokenizer) else None
+    if tok_vocab is None or fresh_vocab_size(found[0], tok_vocab) == found[0]:
+        return found
+    grown = fresh_vocab_size(found[0], tok_vocab)
+    return grown, (f"{found[1]} ({found[0]}) grown to the tokenizer's {tok_vocab} rounded up to 128, "
+                   "as the ranks do when continue_training is off")
 
 
 def check_token_ids(corpus: Corpus, vocab_size: int, source: str) -> None:

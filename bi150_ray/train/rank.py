@@ -24,7 +24,7 @@ import time
 import traceback
 
 from bi150_ray import events as ev
-from bi150_ray.data.plan import discover_prefixes
+from bi150_ray.data.plan import discover_prefixes, fresh_vocab_size
 from bi150_ray.data.samples import target_samples
 from bi150_ray.train.phases import Phase
 
@@ -186,7 +186,7 @@ def run(args_path: str, eval_iters: int, test_iters: int, writer: ev.EventWriter
     config.seq_length = data_args.max_seq_length
     if not model_args.continue_training:
         config.max_position_embeddings = max(config.max_position_embeddings, data_args.max_seq_length)
-        config.vocab_size = max(config.vocab_size, ((tokenizer.vocab_size - 1) // 128 + 1) * 128)
+        config.vocab_size = fresh_vocab_size(config.vocab_size, tokenizer.vocab_size)
     if model_args.num_hidden_layers is not None:
         config.num_hidden_layers = model_args.num_hidden_layers
     if model_args.initializer_range is not None:

@@ -284,3 +284,28 @@ def test_shipped_blend_cache_files_equal_paddlenlps_own(tmp_path):
         else:
             a, b = np.load(io.BytesIO(data)), np.load(io.BytesIO(theirs[name]))
             assert a.dtype == b.dtype and np.array_equal(a, b), name
+
+
+def test_vocabulary_check_uses_the_size_the_ranks_train_with(tmp_path):
+    """Training from scratch, the rank grows config.json's vocab_size to the tokenizer's size
+    rounded up to 128 (run_pretrain's rule, ``fresh_vocab_size``); ids in that gap are valid."""
+
+    from bi150_ray.demo_assets import build_corpus_text, train_tokenizer
+
+    train_tokenizer(build_corpus_text(), tmp_path / "model", vocab_size=500)  # 500 -> 512 in the rank
+    assert data_plan.tokenizer_vocab_size(str(tmp_path / "model")) == 500
+    assert data_plan.fresh_vocab_size(400, 500) == 512 and data_plan.fresh_vocab_size(640, 500) == 640
+
+    args = _bad_case(tmp_path, [30] * 50, vocab=400, high=506)  # config 400, ids up to 505
+    data_plan.build(args, 1, 1, 1)  # accepted: the model will have 512 rows
+    # continue_training keeps config.json's size: the same ids are now out of range
+    token_file = str(tmp_path / "data" / "c.bin")
+    text = _refused({**args, "continue_training": True}, tmp_path, r"vocabulary \[0, 400\)", token_file)
+    assert str(tmp_path / "model" / "config.json") in text
+    args = _bad_case(tmp_path, [30] * 50, vocab=400, high=530)  # some ids >= 512
+    _refused(args, tmp_path, r"vocabulary \[0, 512\) from .*config.json \(400\) grown to the tokenizer's 500", token_file)
+    # a tokenizer elsewhere
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "model" / "sentencepiece.bpe.model").rename(tmp_path / "tok" / "sentencepiece.bpe.model")
+    _refused(args, tmp_path, r"vocabulary \[0, 400\)", token_file)  # no tokenizer beside the model now
+    _refused({**args, "tokenizer_name_or_path": str(tmp_path / "tok")}, tmp_path, r"vocabulary \[0, 512\)", token_file)
