@@ -273,9 +273,10 @@ class RankWorker:
         for expected in corpus:
             mine = corpus_fingerprint(expected["prefix"])
             if mine != expected:
+                differ = ", ".join(f"{k} {mine.get(k)} here vs {expected.get(k)}" for k in expected if mine.get(k) != expected.get(k))
                 raise RuntimeError(
                     f"node {socket.gethostname()}: corpus {expected['prefix']} differs from the one the data plan was "
-                    f"built from ({mine} vs {expected}); copy the same corpus to every node"
+                    f"built from ({differ}); copy the same corpus to every node"
                 )
         os.makedirs(cache_dir, exist_ok=True)
         written = 0

@@ -21,6 +21,7 @@ import numpy as np
 
 from bi150_ray.data import samples
 from bi150_ray.data.mmap_format import Corpus, CorpusFormatError, open_corpus
+from bi150_ray.hashing import sha256_file_cached
 
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a corpus for out-of-vocabulary ids
 
@@ -288,20 +289,14 @@ def cache_files(plans) -> dict[str, bytes]:
 
 
 def corpus_fingerprint(prefix: str) -> dict[str, Any]:
-    """Cheap identity of a corpus on a node: index-file hash, token-file size and the hash of
-    its ends. Either format (``.idx``/``.bin`` or ``_idx.npz``/``_ids.npy``)."""
+    """Identity of a corpus on a node: full sha256 of its index and token files (remembered per
+    node and file version, ``hashing.sha256_file_cached``), sizes and counts. Either format
+    (``.idx``/``.bin`` or ``_idx.npz``/``_ids.npy``)."""
     corpus = open_corpus(prefix)  # validates the format, names the file on error
     index_path, token_path = corpus.files
-    with open(index_path, "rb") as fh:
-        idx_hash = hashlib.sha256(fh.read()).hexdigest()
-    size = os.path.getsize(token_path)
-    h = hashlib.sha256()
-    with open(token_path, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        fh.seek(max(0, size - (1 << 20)))
-        h.update(fh.read(1 << 20))
-    return {"prefix": prefix, "format": type(corpus).__name__, "idx_sha256": idx_hash, "bin_size": size,
-            "bin_ends_sha256": h.hexdigest(), "documents": len(corpus), "tokens": corpus.n_tokens}
+    return {"prefix": prefix, "format": type(corpus).__name__, "idx_sha256": sha256_file_cached(index_path),
+            "bin_size": os.path.getsize(token_path), "bin_sha256": sha256_file_cached(token_path),
+            "documents": len(corpus), "tokens": corpus.n_tokens}
 
 
 def summary(prefixes: list, targets: list[int], plans, dataset_world_size: int, batch: int) -> dict[str, Any]:

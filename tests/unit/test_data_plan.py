@@ -309,3 +309,33 @@ def test_vocabulary_check_uses_the_size_the_ranks_train_with(tmp_path):
     (tmp_path / "model" / "sentencepiece.bpe.model").rename(tmp_path / "tok" / "sentencepiece.bpe.model")
     _refused(args, tmp_path, r"vocabulary \[0, 400\)", token_file)  # no tokenizer beside the model now
     _refused({**args, "tokenizer_name_or_path": str(tmp_path / "tok")}, tmp_path, r"vocabulary \[0, 512\)", token_file)
+
+
+def test_corpus_fingerprint_hashes_the_whole_token_file_once_per_version(tmp_path, monkeypatch):
+    from bi150_ray import hashing
+
+    monkeypatch.setenv("BI150_RAY_CACHE", str(tmp_path / "cache"))
+    _bad_case(tmp_path, [30] * 50)
+    prefix, token_file = str(tmp_path / "data" / "c"), tmp_path / "data" / "c.bin"
+    first = data_plan.corpus_fingerprint(prefix)
+    assert first["bin_sha256"] == hashing.sha256_file(token_file) and first["bin_size"] == 3000
+
+    # A second job start on this node reads the remembered hashes, not the files.
+    def no_reads(path, block=1 << 20):
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(hashing, "sha256_file", no_reads)
+    assert data_plan.corpus_fingerprint(prefix) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("BI150_RAY_CACHE", str(tmp_path / "cache"))
+
+    # One token changed in the middle, same size: a different corpus (the old ends-only hash missed this).
+    data = bytearray(token_file.read_bytes())
+    data[1500] ^= 1
+    mtime = token_file.stat().st_mtime_ns
+    token_file.write_bytes(bytes(data))
+    if token_file.stat().st_mtime_ns == mtime:  # same clock tick as the first write: not a real-world case
+        os.utime(token_file, ns=(mtime, mtime + 1_000_000))
+    changed = data_plan.corpus_fingerprint(prefix)
+    assert changed["bin_size"] == first["bin_size"] and changed["bin_sha256"] != first["bin_sha256"]
+    assert changed["bin_sha256"] == hashing.sha256_file(token_file)
