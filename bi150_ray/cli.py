@@ -195,7 +195,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     )
     r = prep.run(cfg, address=args.address, num_cpus=args.num_cpus)
     print(f"wrote {r.prefix}.bin/.idx: {r.n_docs:,} documents, {r.n_tokens:,} tokens ({r.dtype}); "
-          f"{r.shards} shards, {r.shards_tokenized} tokenized now, {r.shards_reused} reused; {r.seconds:.1f}s")
+          f"{r.shards} shards, {r.shards_tokenized} tokenized now on {r.nodes} node(s), {r.shards_reused} reused; "
+          f"{r.seconds:.1f}s")
     print("BI150_PREPARE_RESULT " + json.dumps(dataclasses.asdict(r)))
     return 0
 

@@ -158,6 +158,7 @@ class PrepareResult:
     shards_reused: int
     seconds: float
     skipped_docs: int = 0
+    nodes: int = 0  # Ray nodes whose tasks tokenized this run's shards
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -357,6 +358,16 @@ def tokenizer_info(path: str) -> dict[str, Any]:
     return {"vocab_size": enc.vocab_size, "eos_id": enc.eos_id, "kind": enc.kind}
 
 
+def probe_node(tokenizer: str, paths: Sequence[str]) -> dict[str, Any]:
+    """``tokenizer_info`` on the node this runs on, which paths it cannot see, and which node it is."""
+    import ray
+
+    info = tokenizer_info(tokenizer)
+    info["missing"] = [p for p in paths if not os.path.exists(p)]
+    info["node"] = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+    return info
+
+
 def tokenizer_fingerprint(path: str) -> dict[str, str]:
     """Content hashes of the tokenizer's files, so a marker made with another tokenizer is redone."""
     p = Path(path)
@@ -507,6 +518,12 @@ def read_marker(work: Path, shard: Shard, settings: dict[str, Any]) -> dict[str,
         return None
 
 
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def tokenize_shard(shard: Shard, cfg: PrepareConfig, settings: dict[str, Any], work: str) -> dict[str, Any]:
     """Tokenize one shard into ``work/shard-NNNNN.bin/.idx`` and write its ``.done`` marker last.
 
@@ -553,6 +570,7 @@ def tokenize_shard(shard: Shard, cfg: PrepareConfig, settings: dict[str, Any], w
         "skipped_docs": skipped,
         "bin_bytes": (work_dir / f"{shard.name}.bin").stat().st_size,
         "cpu_seconds": time.process_time() - cpu0,  # this process's CPU for the shard (benchmarks)
+        "node_id": _ray_node_id(),  # which Ray node tokenized it (--spread)
     }
     path = _marker_path(work_dir, shard)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
@@ -735,12 +753,33 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         raise RuntimeError("prepare() needs a Ray connection (ray.init or local_ray())")
 
     options = task_options(cfg)
-    probe = ray.remote(tokenizer_info).options(**options)
+    probe = ray.remote(probe_node).options(**options)
     task = ray.remote(tokenize_shard).options(**options)
 
-    info = ray.get(probe.remote(cfg.tokenizer))
-    if "error" in info:
-        raise PrepareError(info["error"])
+    seen = [cfg.tokenizer, *cfg.inputs, os.path.dirname(cfg.output_prefix)]
+    if cfg.spread:
+        # Every node that may run a shard: it must see the same files and load the same tokenizer.
+        # Also warms one worker per node, so shards start everywhere at once instead of all going
+        # to the one warm worker while the others are still starting.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get("CPU", 0) >= 1]
+        pinned = [NodeAffinitySchedulingStrategy(node_id=n, soft=False) for n in nodes]
+        refs = [ray.remote(probe_node).options(**options, scheduling_strategy=p).remote(cfg.tokenizer, seen) for p in pinned]
+    else:
+        refs = [probe.remote(cfg.tokenizer, seen)]
+    infos = ray.get(refs)
+    for i in infos:
+        where = f"node {i['node']}: " if cfg.spread else ""
+        if "error" in i:
+            raise PrepareError(where + i["error"])
+        if i["missing"]:
+            raise PrepareError(f"{where}{i['missing'][0]} does not exist there; --spread needs the inputs, tokenizer "
+                               "and output folder on storage every node sees (same paths)")
+    if len({(i["vocab_size"], i["eos_id"], i["kind"]) for i in infos}) > 1:
+        sizes = ", ".join(f"{i['node']}: vocab {i['vocab_size']}, eos {i['eos_id']}" for i in infos)
+        raise PrepareError(f"{cfg.tokenizer}: the tokenizer differs between nodes ({sizes}); give every node the same files")
+    info = infos[0]
     if cfg.append_eos and info["eos_id"] is None:
         raise PrepareError(f"{cfg.tokenizer}: the tokenizer has no EOS token; set one or pass --no-append-eos")
     dtype = best_dtype(info["vocab_size"])
@@ -757,6 +796,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         else:
             todo.append(s)
     reused = len(markers)
+    tokenized = {s.index for s in todo}
 
     bar = tqdm(total=len(shards), initial=reused, unit="shard", desc="tokenize", disable=not cfg.progress)
     cfg_ref = ray.put(cfg)
@@ -810,5 +850,6 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         shards_reused=reused,
         seconds=time.perf_counter() - t0,
         skipped_docs=sum(m.get("skipped_docs", 0) for m in markers.values()),
+        nodes=len({m.get("node_id") for i, m in markers.items() if i in tokenized}),
         extra={"task_cpu_seconds": round(task_cpu, 3)},
     )
