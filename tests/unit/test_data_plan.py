@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bi150_ray.data import plan as data_plan
+from bi150_ray.data import samples
 from bi150_ray.demo_assets import build_demo_assets
 
 
@@ -15,28 +16,32 @@ def assets(tmp_path_factory):
     return build_demo_assets(tmp_path_factory.mktemp("assets"))
 
 
-def test_shipped_cache_files_equal_paddlenlps_own(assets, tmp_path):
+def _paddlenlps_cache_equals(ours: dict, prefixes, targets, seq_length: int, seed: int, cache) -> dict:
+    """Let PaddleNLP build and cache the same datasets in ``cache``; our shipped files must carry
+    its md5 names (so PaddleNLP finds them) and equal its files."""
     from paddlenlp.data.causal_dataset import build_train_valid_test_datasets
 
+    build_train_valid_test_datasets(
+        data_prefix=prefixes, data_impl="mmap", splits_string="949,50,1", train_val_test_num_samples=targets,
+        seq_length=seq_length, seed=seed, skip_warmup=True, data_cache_path=str(cache),
+    )
+    theirs = {f: (cache / f).read_bytes() for f in os.listdir(cache)}
+    assert set(ours) == set(theirs)
+    for name, data in ours.items():
+        if name.endswith(".dsc"):
+            assert data == theirs[name], name
+        else:
+            a, b = np.load(io.BytesIO(data)), np.load(io.BytesIO(theirs[name]))
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+    return theirs
+
+
+def test_shipped_cache_files_equal_paddlenlps_own(assets, tmp_path):
     args = {"input_dir": str(assets.data_dir), "max_steps": 30, "per_device_train_batch_size": 4,
             "per_device_eval_batch_size": 4, "eval_steps": 10, "max_seq_length": 128, "seed": 42}
     prefixes, targets, plans = data_plan.build(args, dataset_world_size=2, eval_iters=4, test_iters=1)
     assert targets == [4 * 2 * 30, 4 * 2 * 4 * (30 // 10 + 1), 4 * 2 * 1]
-    ours = data_plan.cache_files(plans)
-
-    cache = tmp_path / "paddle-cache"
-    build_train_valid_test_datasets(
-        data_prefix=prefixes, data_impl="mmap", splits_string="949,50,1", train_val_test_num_samples=targets,
-        seq_length=128, seed=42, skip_warmup=True, data_cache_path=str(cache),
-    )
-    theirs = {f: (cache / f).read_bytes() for f in os.listdir(cache)}
-    assert set(ours) == set(theirs)  # same md5 names: PaddleNLP will find ours
-    for name, data in ours.items():
-        if name.endswith(".dsc"):
-            assert data == theirs[name]
-        else:
-            a, b = np.load(io.BytesIO(data)), np.load(io.BytesIO(theirs[name]))
-            assert a.dtype == b.dtype and np.array_equal(a, b), name
+    _paddlenlps_cache_equals(data_plan.cache_files(plans), prefixes, targets, 128, 42, tmp_path / "paddle-cache")
 
 
 def test_empty_input_dir_is_a_clear_error(tmp_path):
@@ -254,8 +259,6 @@ def test_resume_checked_from_trainer_state_when_the_record_has_no_keys():
 
 def test_shipped_blend_cache_files_equal_paddlenlps_own(tmp_path):
     """A blend ships its children's index files and its own two arrays, so no rank builds either."""
-    from paddlenlp.data.causal_dataset import build_train_valid_test_datasets
-
     from bi150_ray.data.mmap_format import MMapWriter
 
     rng = np.random.RandomState(4)
@@ -268,22 +271,9 @@ def test_shipped_blend_cache_files_equal_paddlenlps_own(tmp_path):
     args = {"input_dir": blend, "max_steps": 20, "per_device_train_batch_size": 2, "eval_steps": 10,
             "max_seq_length": 32, "seed": 7}
     prefixes, targets, plans = data_plan.build(args, dataset_world_size=2, eval_iters=2, test_iters=1)
-    ours = data_plan.cache_files(plans)
-
-    cache = tmp_path / "paddle-cache"
-    build_train_valid_test_datasets(
-        data_prefix=prefixes, data_impl="mmap", splits_string="949,50,1", train_val_test_num_samples=targets,
-        seq_length=32, seed=7, skip_warmup=True, data_cache_path=str(cache),
-    )
-    theirs = {f: (cache / f).read_bytes() for f in os.listdir(cache)}
-    assert any(f.endswith("_sample_index.npy") for f in theirs)  # PaddleNLP did cache the blend
-    assert set(ours) == set(theirs)
-    for name, data in ours.items():
-        if name.endswith(".dsc"):
-            assert data == theirs[name], name
-        else:
-            a, b = np.load(io.BytesIO(data)), np.load(io.BytesIO(theirs[name]))
-            assert a.dtype == b.dtype and np.array_equal(a, b), name
+    theirs = _paddlenlps_cache_equals(data_plan.cache_files(plans), prefixes, targets, 32, 7, tmp_path / "paddle-cache")
+    blends = sum(isinstance(p, samples.BlendPlan) for p in plans)  # train and valid; no test samples asked
+    assert blends == 2 and sum(f.endswith("_sample_index.npy") for f in theirs) == blends
 
 
 def test_vocabulary_check_uses_the_size_the_ranks_train_with(tmp_path):
