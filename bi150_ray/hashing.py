@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Callable
+from typing import Any
 
 
 def sha256_file(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
@@ -17,32 +19,42 @@ def sha256_file(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
 
 
 def cache_dir() -> str:
-    """Per-user folder for hashes worth keeping between jobs (``BI150_RAY_CACHE`` overrides)."""
+    """Per-user folder for file facts worth keeping between jobs (``BI150_RAY_CACHE`` overrides)."""
     return os.environ.get("BI150_RAY_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bi150-ray"
     )
 
 
-def sha256_file_cached(path: str | os.PathLike[str]) -> str:
-    """``sha256_file``, remembered per (real path, device, inode, size, mtime) in ``cache_dir()``.
+def file_memo(path: str | os.PathLike[str], kind: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` for this version of the file at ``path``, remembered in ``cache_dir()`` under
+    (real path, device, inode, size, mtime) and ``kind``; a JSON-able result.
 
-    A corpus is hashed in full once per node and version instead of at every job start (a
-    multi-gigabyte ``.bin`` takes seconds per gigabyte); rewriting the file changes its mtime, so
-    the hash is computed again. An unreadable or unwritable cache only costs the rehash.
+    Whole-file facts about a corpus (its sha256, its token-id range) cost seconds per gigabyte and
+    are needed at every job start and relaunch; here each is computed once per node and file
+    version. Rewriting the file changes its mtime, so it is computed again. An unreadable or
+    unwritable cache only costs the recomputation.
     """
+    real = os.path.realpath(path)
     st = os.stat(path)
-    key = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
-    store = os.path.join(cache_dir(), "file-sha256.json")
+    version = f"{real}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    store = os.path.join(cache_dir(), "file-memo.json")
     try:
         with open(store, encoding="utf-8") as fh:
             known = json.load(fh)
+        if not isinstance(known, dict):
+            known = {}
     except (OSError, ValueError):
         known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), str):
-        return known[key]
-    digest = sha256_file(path)
-    known = {k: v for k, v in known.items() if not k.startswith(os.path.realpath(path) + "|")} if isinstance(known, dict) else {}
-    known[key] = digest
+    facts = known.get(version)
+    if isinstance(facts, dict) and kind in facts:
+        return facts[kind]
+    value = compute()
+    # Drop what was known of older versions of this file; keep this version's other facts.
+    known = {k: v for k, v in known.items() if not k.startswith(real + "|") or k == version}
+    known.setdefault(version, {})
+    if not isinstance(known[version], dict):
+        known[version] = {}
+    known[version][kind] = value
     try:
         os.makedirs(os.path.dirname(store), exist_ok=True)
         tmp = f"{store}.{secrets.token_hex(4)}.tmp"
@@ -51,4 +63,9 @@ def sha256_file_cached(path: str | os.PathLike[str]) -> str:
         os.replace(tmp, store)
     except OSError:
         pass
-    return digest
+    return value
+
+
+def sha256_file_cached(path: str | os.PathLike[str]) -> str:
+    """``sha256_file`` once per node and file version (``file_memo``)."""
+    return file_memo(path, "sha256", lambda: sha256_file(path))

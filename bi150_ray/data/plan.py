@@ -21,7 +21,7 @@ import numpy as np
 
 from bi150_ray.data import samples
 from bi150_ray.data.mmap_format import Corpus, CorpusFormatError, open_corpus
-from bi150_ray.hashing import sha256_file_cached
+from bi150_ray.hashing import file_memo, sha256_file_cached
 
 _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning a corpus for out-of-vocabulary ids
 
@@ -197,18 +197,33 @@ def model_vocab_size(args: Mapping[str, Any]) -> tuple[int, str] | None:
                    "as the ranks do when continue_training is off")
 
 
+def _token_range(tokens: np.ndarray) -> list[int]:
+    lo, hi = None, None
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[start : start + _SCAN_CHUNK]
+        c_lo, c_hi = int(chunk.min()), int(chunk.max())
+        lo = c_lo if lo is None else min(lo, c_lo)
+        hi = c_hi if hi is None else max(hi, c_hi)
+    return [0, -1] if lo is None else [lo, hi]
+
+
 def check_token_ids(corpus: Corpus, vocab_size: int, source: str) -> None:
-    """Every token id in ``[0, vocab_size)``: a chunked max (and min, for signed dtypes) over the
-    memory-mapped tokens, skipped when the dtype cannot hold an id outside the range."""
+    """Every token id in ``[0, vocab_size)``. The file's id range is a chunked min/max over the
+    memory-mapped tokens, remembered per node and file version (``hashing.file_memo``: a relaunch
+    or rerun does not read the corpus again); skipped when the dtype cannot hold an id outside the
+    range. Only when the range is out does a second scan find the first bad token to name it."""
     dt = corpus.dtype
     if dt.kind == "u" and np.iinfo(dt).max < vocab_size:
         return
     tokens = corpus.tokens
-    for lo in range(0, len(tokens), _SCAN_CHUNK):
-        chunk = tokens[lo : lo + _SCAN_CHUNK]
+    lo, hi = file_memo(corpus.files[1], f"token-id-range {dt.str}", lambda: _token_range(tokens))
+    if hi < vocab_size and lo >= 0:
+        return
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[start : start + _SCAN_CHUNK]
         if chunk.max() < vocab_size and (dt.kind == "u" or chunk.min() >= 0):
             continue
-        at = lo + int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
+        at = start + int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
         seq = int(np.searchsorted(np.cumsum(corpus.sizes, dtype=np.int64), at, side="right"))
         raise DataInputError(
             f"{corpus.files[1]}: token id {tokens[at]} (token {at}, sequence {seq}) is outside the model's "

@@ -329,3 +329,28 @@ def test_corpus_fingerprint_hashes_the_whole_token_file_once_per_version(tmp_pat
     changed = data_plan.corpus_fingerprint(prefix)
     assert changed["bin_size"] == first["bin_size"] and changed["bin_sha256"] != first["bin_sha256"]
     assert changed["bin_sha256"] == hashing.sha256_file(token_file)
+
+
+def test_token_id_range_is_read_once_per_file_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("BI150_RAY_CACHE", f"{tmp_path}-cache")  # outside the tree _refused checks
+    args = _bad_case(tmp_path, [30] * 50, vocab=1000, high=900, dtype=np.int32)  # int32: no dtype shortcut
+    data_plan.build(args, 1, 1, 1)
+
+    def no_scan(tokens):
+        raise AssertionError("the corpus was scanned again")
+
+    monkeypatch.setattr(data_plan, "_token_range", no_scan)
+    data_plan.build(args, 1, 1, 1)  # a relaunch or rerun: the remembered range answers
+    monkeypatch.undo()
+    monkeypatch.setenv("BI150_RAY_CACHE", f"{tmp_path}-cache")  # outside the tree _refused checks
+
+    token_file = tmp_path / "data" / "c.bin"
+    mtime = token_file.stat().st_mtime_ns
+    tokens = np.memmap(token_file, dtype=np.int32, mode="r+")
+    tokens[1234] = 5000  # sequence 41
+    tokens.flush()
+    del tokens
+    if token_file.stat().st_mtime_ns == mtime:  # same clock tick as the first write: not a real-world case
+        os.utime(token_file, ns=(mtime, mtime + 1_000_000))
+    text = _refused(args, tmp_path, "token id 5000", str(token_file))
+    assert "token 1234, sequence 41" in text
