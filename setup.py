@@ -1,7 +1,7 @@
 """Only the optional C extension lives here; everything else is in pyproject.toml.
 
 ``optional=True``: where no C compiler is installed (a BI150 node may lack one), the build goes on
-without it and ``bi150_ray.data.shuffle`` falls back to NumPy's own shuffle (same plan, slower).
+without it and ``bi150_ray.data.kernels`` falls back to NumPy (same plan, slower).
 """
 
 from setuptools import Extension, setup

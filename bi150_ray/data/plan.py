@@ -190,9 +190,9 @@ def model_vocab_size(args: Mapping[str, Any]) -> tuple[int, str] | None:
         return found
     tokenizer = str(args.get("tokenizer_name_or_path") or name)
     tok_vocab = tokenizer_vocab_size(tokenizer) if os.path.isdir(tokenizer) else None
-    if tok_vocab is None or fresh_vocab_size(found[0], tok_vocab) == found[0]:
+    grown = found[0] if tok_vocab is None else fresh_vocab_size(found[0], tok_vocab)
+    if grown == found[0]:
         return found
-    grown = fresh_vocab_size(found[0], tok_vocab)
     return grown, (f"{found[1]} ({found[0]}) grown to the tokenizer's {tok_vocab} rounded up to 128, "
                    "as the ranks do when continue_training is off")
 

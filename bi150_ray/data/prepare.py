@@ -364,7 +364,7 @@ def probe_node(tokenizer: str, paths: Sequence[str]) -> dict[str, Any]:
 
     info = tokenizer_info(tokenizer)
     info["missing"] = [p for p in paths if not os.path.exists(p)]
-    info["node"] = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+    info["node"] = f"{ray.util.get_node_ip_address()} ({_ray_node_id()[:8]})"
     return info
 
 
@@ -753,7 +753,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         raise RuntimeError("prepare() needs a Ray connection (ray.init or local_ray())")
 
     options = task_options(cfg)
-    probe = ray.remote(probe_node).options(**options)
+    probe = ray.remote(probe_node)
     task = ray.remote(tokenize_shard).options(**options)
 
     seen = [cfg.tokenizer, *cfg.inputs, os.path.dirname(cfg.output_prefix)]
@@ -765,9 +765,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get("CPU", 0) >= 1]
         pinned = [NodeAffinitySchedulingStrategy(node_id=n, soft=False) for n in nodes]
-        refs = [ray.remote(probe_node).options(**options, scheduling_strategy=p).remote(cfg.tokenizer, seen) for p in pinned]
+        refs = [probe.options(**options, scheduling_strategy=p).remote(cfg.tokenizer, seen) for p in pinned]
     else:
-        refs = [probe.remote(cfg.tokenizer, seen)]
+        refs = [probe.options(**options).remote(cfg.tokenizer, seen)]
     infos = ray.get(refs)
     for i in infos:
         where = f"node {i['node']}: " if cfg.spread else ""
